@@ -1,0 +1,262 @@
+"""Redis storage: one atomic Lua round trip per pre-check, settlements on a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import structlog
+from redis.asyncio import Redis, RedisCluster
+
+from tokenfirewall.errors import ConfigurationError, StorageUnavailableError
+from tokenfirewall.keys import Keys, encode_user_id
+from tokenfirewall.messages import FIELD, Refused, Settled, encode
+from tokenfirewall.periods import month_index
+from tokenfirewall.storage.base import (
+    DEFAULT_THRESHOLDS,
+    PeriodSnapshot,
+    ReserveRequest,
+    ReserveResult,
+    Storage,
+)
+from tokenfirewall.storage.pipeline import AutoPipeline
+from tokenfirewall.storage.scripts import load_script
+
+__all__ = ["RedisStorage"]
+
+log = structlog.get_logger("tokenfirewall.storage")
+
+SettleMode = Literal["stream", "direct"]
+
+
+def _int(value: Any) -> int:
+    return int(value) if value is not None else 0
+
+
+class RedisStorage(Storage):
+    """Budgets in Redis (single node or Cluster), shared by every app process.
+
+    ``mode="stream"`` (default) publishes settlements to the usage stream for
+    the worker to reconcile; ``mode="direct"`` applies them at once with the
+    same exactly-once script, for deployments without a worker.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "tokenfirewall",
+        mode: SettleMode = "stream",
+        shards: int = 1,
+        timeout: float = 0.5,
+        backlog_size: int = 100_000,
+        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        if mode not in ("stream", "direct"):
+            raise ConfigurationError("mode must be 'stream' or 'direct'")
+        if shards < 1:
+            raise ConfigurationError("shards must be at least 1")
+        self.client = client
+        self.keys = Keys(prefix)
+        self.mode: SettleMode = mode
+        self.shards = shards
+        self.timeout = timeout
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._thresholds = ",".join(str(int(p)) for p in thresholds)
+        self._pipeline = AutoPipeline(client, timeout)
+        # Settlements that could not be published yet, oldest first.
+        self._backlog: deque[Settled] = deque()
+        self._backlog_size = backlog_size
+        self.dropped = 0
+        self._flush_lock: asyncio.Lock | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self._reserve = load_script("reserve")
+        self._settle = load_script("settle")
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        cluster: bool = False,
+        timeout: float = 0.5,
+        **options: Any,
+    ) -> RedisStorage:
+        """Connect lazily to ``url`` (``redis://``, ``rediss://``, ``unix://``)."""
+        client_options = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "health_check_interval": 30,
+        }
+        client: Any = (
+            RedisCluster.from_url(url, **client_options)
+            if cluster
+            else Redis.from_url(url, **client_options)
+        )
+        return cls(client, timeout=timeout, **options)
+
+    def _user_keys(self, user_id: str, period: str) -> tuple[str, list[str]]:
+        tag = encode_user_id(user_id)
+        return tag, self.keys.user_keys(tag, period)
+
+    async def reserve(self, request: ReserveRequest) -> ReserveResult:
+        tag, keys = self._user_keys(request.user_id, request.period)
+        policy = request.policy
+        reply = await self._pipeline.run_script(
+            self._reserve,
+            keys[:4],
+            (
+                self.keys.prefix,
+                tag,
+                month_index(request.period),
+                request.estimate,
+                request.reservation_id,
+                request.expires_at_ms,
+                policy.monthly_limit,
+                int(policy.rollover),
+                policy.max_carryover,
+            ),
+        )
+        if self._backlog:
+            self._flush_soon()
+        admitted, charged, limit, monthly_limit, bonus, first = reply
+        return ReserveResult(
+            admitted=bool(admitted),
+            charged=int(charged),
+            limit=int(limit),
+            monthly_limit=int(monthly_limit),
+            bonus=int(bonus),
+            first_refusal=bool(first),
+        )
+
+    async def settle(self, settlement: Settled) -> None:
+        """Publish (or apply) a settlement; if Redis is down, keep it for later.
+
+        A settlement whose send failed or was cancelled is buffered; if it did
+        reach Redis after all, sending it again is harmless: settlements are
+        applied once per reservation id.
+        """
+        if self._backlog:
+            self._keep(settlement)
+            await self._flush_backlog()
+            return
+        try:
+            await self._send(settlement)
+        except BaseException:
+            self._keep(settlement)
+            raise
+
+    async def apply(self, settlement: Settled) -> list[int]:
+        """Apply a settlement with the exactly-once script; returns the script's reply."""
+        tag, keys = self._user_keys(settlement.user, settlement.period)
+        reply = await self._pipeline.run_script(
+            self._settle,
+            keys,
+            (
+                self.keys.prefix,
+                tag,
+                month_index(settlement.period),
+                settlement.rid,
+                settlement.reserved,
+                settlement.actual,
+                settlement.limit,
+                int(settlement.rollover),
+                settlement.cap,
+                self._thresholds,
+            ),
+        )
+        return [int(x) for x in reply]
+
+    async def _send(self, settlement: Settled) -> None:
+        if self.mode == "direct":
+            await self.apply(settlement)
+        else:
+            await self._publish(settlement.user, encode(settlement))
+
+    async def _publish(self, user_id: str, payload: bytes) -> None:
+        shard = zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % self.shards
+        await self._pipeline.call(
+            "XADD", self.keys.usage_shard(shard, self.shards), "*", FIELD, payload
+        )
+
+    def _keep(self, settlement: Settled) -> None:
+        if len(self._backlog) >= self._backlog_size:
+            # Counted and logged loudly: the one place usage can be lost is a
+            # buffer overflow during a long outage, and operators must see it.
+            self.dropped += 1
+            log.error("settlement_dropped", rid=settlement.rid, user=settlement.user,
+                      actual=settlement.actual, dropped=self.dropped)
+            return
+        self._backlog.append(settlement)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def _flush_soon(self) -> None:
+        """Redis answered again: drain the backlog without delaying this request."""
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_backlog())
+
+    async def _flush_backlog(self) -> None:
+        """Send buffered settlements in order; stop at the first failure."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        async with self._flush_lock:
+            while self._backlog:
+                try:
+                    await self._send(self._backlog[0])
+                except StorageUnavailableError:
+                    return
+                self._backlog.popleft()
+
+    async def refused(self, refusal: Refused) -> None:
+        if self.mode == "stream":
+            await self._publish(refusal.user, encode(refusal))
+
+    async def snapshot(self, user_id: str, period: str) -> PeriodSnapshot | None:
+        tag, keys = self._user_keys(user_id, period)
+        idx = month_index(period)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(keys[0])
+        pipe.hmget(keys[1], "l", "b", "g", "u", "f", "x")
+        pipe.hvals(keys[3])
+        try:
+            charged, record, reservations = await pipe.execute()
+        except (OSError, TimeoutError) as exc:
+            raise StorageUnavailableError(str(exc)) from exc
+        if record[0] is None:
+            return None
+        limit, bonus, granted, used, final, closed = record
+        prefix = f"{idx}:".encode()
+        return PeriodSnapshot(
+            user_id=user_id,
+            period=period,
+            charged=_int(charged),
+            used=_int(used),
+            monthly_limit=_int(limit),
+            bonus=_int(bonus),
+            granted=_int(granted),
+            bonus_final=final == b"1",
+            closed=closed == b"1",
+            open_reservations=sum(1 for r in reservations if r.startswith(prefix)),
+        )
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._pipeline.call("PING"))
+        except StorageUnavailableError:
+            return False
+
+    async def aclose(self) -> None:
+        if self._backlog:
+            await self._flush_backlog()
+        if self._backlog:
+            log.error("settlements_unsent_at_close", count=len(self._backlog))
+        await self._pipeline.aclose()
+        await self.client.aclose()
