@@ -40,7 +40,7 @@ def test_fields_comments_and_multiline_data() -> None:
     stream = (
         b": keep-alive comment\n"
         b"event: update\nid: 7\nretry: 1000\ndata: first\ndata:second\ndata\n\n"
-        b"data: {\"a\": 1}\n\n"
+        b'data: {"a": 1}\n\n'
     )
     assert names_and_data(parse([stream])) == [
         ("update", "first\nsecond\n"),
@@ -84,7 +84,10 @@ def test_offsets_delimit_each_event_block() -> None:
 
 
 def test_unterminated_last_event_is_kept_at_close() -> None:
-    assert names_and_data(parse([b"data: a\n\ndata: tail"])) == [("message", "a"), ("message", "tail")]
+    assert names_and_data(parse([b"data: a\n\ndata: tail"])) == [
+        ("message", "a"),
+        ("message", "tail"),
+    ]
     assert names_and_data(parse([b"data: tail\r"])) == [("message", "tail")]
 
 
