@@ -92,7 +92,9 @@ def firewall(
     extract = options.pop("extract_user_id", by_header)
     return TokenFirewall(
         app,
-        user_budget=UserBudget(extract_user_id=extract, monthly_token_limit=limit, **budget_options),
+        user_budget=UserBudget(
+            extract_user_id=extract, monthly_token_limit=limit, **budget_options
+        ),
         storage=storage or MemoryStorage(),
         clock=clock,
         **options,
@@ -104,7 +106,11 @@ def client(app: TokenFirewall) -> httpx.AsyncClient:
 
 
 def chat_body(max_tokens: int = 20) -> dict[str, Any]:
-    return {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    return {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+    }
 
 
 async def post(c: httpx.AsyncClient, user: str | None = "alice", **body: Any) -> httpx.Response:
@@ -136,7 +142,9 @@ async def test_default_refusal_is_exact() -> None:
         "used": 75,
         "limit": 100,
     }
-    assert r.headers["retry-after"] == str(int((datetime(2027, 1, 1, tzinfo=UTC) - NOW).total_seconds()))
+    assert r.headers["retry-after"] == str(
+        int((datetime(2027, 1, 1, tzinfo=UTC) - NOW).total_seconds())
+    )
     assert r.headers["x-tokenfirewall-limit"] == "100"
     assert r.headers["x-tokenfirewall-remaining"] == "25"
     assert r.headers["x-tokenfirewall-reset"] == "2027-01-01T00:00:00Z"
@@ -163,7 +171,11 @@ async def test_custom_refusal_handler(is_async: bool) -> None:
     assert r.json() == {"custom": 10, "path": "/v1/chat/completions"}
     info = seen[0]
     assert (info.user_id, info.period, info.limit, info.monthly_limit, info.bonus) == (
-        "alice", "2026-12", 10, 10, 0,
+        "alice",
+        "2026-12",
+        10,
+        10,
+        0,
     )
     assert info.requested > 10
     assert info.reset_at == datetime(2027, 1, 1, tzinfo=UTC)
@@ -195,7 +207,9 @@ async def test_extractor_sees_scope_user_and_state() -> None:
             scope = {**scope, "user": "carol", "state": {"tenant": "acme"}}
         await fw(scope, receive, send)
 
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=with_auth), base_url="http://t") as c:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=with_auth), base_url="http://t"
+    ) as c:
         r = await c.post("/v1/chat/completions", json=chat_body())
     assert r.status_code == 200
     assert seen == {"user": "carol", "method": "POST", "state": "acme"}
@@ -267,8 +281,9 @@ async def test_month_boundary_follows_the_clock() -> None:
 async def test_rollover_through_the_middleware() -> None:
     storage = MemoryStorage()
     now = [datetime(2026, 11, 15, tzinfo=UTC)]
-    app = firewall(storage, clock=lambda: now[0], limit=100,
-                   rollover=Rollover(enabled=True, max_carryover=50))
+    app = firewall(
+        storage, clock=lambda: now[0], limit=100, rollover=Rollover(enabled=True, max_carryover=50)
+    )
     async with client(app) as c:
         await post(c)
         now[0] = datetime(2026, 12, 2, tzinfo=UTC)
@@ -315,8 +330,19 @@ async def test_app_exception_settles_and_propagates() -> None:
     assert (snap.charged, snap.open_reservations) == (0, 0)
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[]", b'"str"', b"\xff\xfe", b'{"max_tokens": -5}',
-                                  b'{"max_tokens": 1e309}', b'{"messages": 7}', b""])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[]",
+        b'"str"',
+        b"\xff\xfe",
+        b'{"max_tokens": -5}',
+        b'{"max_tokens": 1e309}',
+        b'{"messages": 7}',
+        b"",
+    ],
+)
 async def test_malformed_bodies_never_500(body: bytes) -> None:
     async with client(firewall(limit=10**6)) as c:
         r = await c.post("/echo", content=body, headers={"x-user-id": "alice"})
@@ -392,10 +418,17 @@ async def test_unreachable_redis_fails_open_and_buffers() -> None:
 async def test_streaming_body_passes_through_in_chunks() -> None:
     async def stream(scope: Any, receive: Any, send: Any) -> None:
         await receive()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
         for i in range(3):
-            await send({"type": "http.response.body", "body": f"part{i}".encode(), "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": f"part{i}".encode(), "more_body": True}
+            )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async with client(firewall(app=stream, limit=10**6)) as c:

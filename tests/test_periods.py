@@ -50,7 +50,7 @@ def test_other_offsets_are_converted() -> None:
 
 def test_naive_datetimes_are_rejected() -> None:
     with pytest.raises(ConfigurationError):
-        period_of(datetime(2026, 12, 1))  # noqa: DTZ001
+        period_of(datetime(2026, 12, 1))
 
 
 @pytest.mark.parametrize("bad", ["2026-13", "2026-00", "26-01", "2026/01", "abcd-ef", ""])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import msgspec
@@ -21,7 +22,7 @@ DEFAULT = 1000
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def observe(
@@ -73,7 +74,10 @@ def chat_stream(include_usage: bool) -> bytes:
 
 
 def legacy_stream(include_usage: bool) -> bytes:
-    head = '{"id":"cmpl-AbC","object":"text_completion","created":1741569952,"model":"gpt-3.5-turbo-instruct"'
+    head = (
+        '{"id":"cmpl-AbC","object":"text_completion","created":1741569952,'
+        '"model":"gpt-3.5-turbo-instruct"'
+    )
     tail = ',"usage":null}' if include_usage else "}"
     events = [
         head
@@ -109,21 +113,30 @@ _MESSAGE = (
 )
 
 
+def _response(status: str, output: str, usage: str) -> str:
+    return '"response":' + _RESPONSE.format(status=status, output=output, usage=usage)
+
+
 def responses_stream() -> bytes:
     """A Responses API stream: named events, usage only in response.completed."""
-    item = '"item_id":"msg_67ccd2bf17f0819081ff3bb2cf6508e6","output_index":0,"content_index":0'
+    item = '"item_id":"msg_67cc","output_index":0,"content_index":0'
+    part = '"part":{"type":"output_text","text":"%s","annotations":[]}'
+    added = (
+        '{"id":"msg_67cc","type":"message","status":"in_progress","role":"assistant","content":[]}'
+    )
     events = [
-        ("response.created", '"response":' + _RESPONSE.format(status="in_progress", output="[]", usage="null")),
-        ("response.in_progress", '"response":' + _RESPONSE.format(status="in_progress", output="[]", usage="null")),
-        ("response.output_item.added", '"output_index":0,"item":{"id":"msg_67cc","type":"message","status":"in_progress","role":"assistant","content":[]}'),
-        ("response.content_part.added", item + ',"part":{"type":"output_text","text":"","annotations":[]}'),
+        ("response.created", _response("in_progress", "[]", "null")),
+        ("response.in_progress", _response("in_progress", "[]", "null")),
+        ("response.output_item.added", '"output_index":0,"item":' + added),
+        ("response.content_part.added", item + "," + part % ""),
         ("response.output_text.delta", item + ',"delta":"Hi"'),
-        ("response.output_text.delta", item + ',"delta":" there, \\"usage\\": is just a word"'),
+        # Output text that mentions usage must not be mistaken for usage.
+        ("response.output_text.delta", item + ',"delta":" there, \\"usage\\": 1"'),
         ("response.output_text.done", item + ',"text":"Hi there"'),
-        ("response.content_part.done", item + ',"part":{"type":"output_text","text":"Hi there","annotations":[]}'),
+        ("response.content_part.done", item + "," + part % "Hi there"),
         ("response.output_item.done", '"output_index":0,"item":' + _MESSAGE),
-        ("response.completed", '"response":' + _RESPONSE.format(status="completed", output=f"[{_MESSAGE}]", usage=_RESPONSE_USAGE)),
-    ]  # fmt: skip
+        ("response.completed", _response("completed", f"[{_MESSAGE}]", _RESPONSE_USAGE)),
+    ]
     return "".join(
         f'event: {name}\ndata: {{"type":"{name}","sequence_number":{i},{data}}}\n\n'
         for i, (name, data) in enumerate(events)
@@ -134,13 +147,12 @@ def responses_stream() -> bytes:
 
 
 def test_chat_estimate_is_prompt_plus_cap_times_n() -> None:
-    one = PROVIDER.estimate(
-        CHAT,
-        body(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=100),
-        DEFAULT,
-    )
-    three = PROVIDER.estimate(CHAT, body(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=100, n=3), DEFAULT)  # fmt: skip
-    assert one.model == "gpt-4o" and not one.stream and one.body is None
+    messages = [{"role": "user", "content": "hi"}]
+    one = PROVIDER.estimate(CHAT, body(model="gpt-4o", messages=messages, max_tokens=100), DEFAULT)
+    three = PROVIDER.estimate(CHAT, body(messages=messages, max_tokens=100, n=3), DEFAULT)
+    assert one.model == "gpt-4o"
+    assert not one.stream
+    assert one.body is None
     assert 100 < one.tokens < 120
     assert three.tokens - one.tokens == 200
 
@@ -156,26 +168,30 @@ def test_cap_fields_and_default_reservation() -> None:
 
 def test_prompt_counts_text_in_every_place_conservatively() -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 200  # ~2000 real tokens
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}
     messages = [
         {"role": "system", "content": text},
-        {"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}]},
-    ]  # fmt: skip
+        {"role": "user", "content": [{"type": "text", "text": text}, image]},
+    ]
     tools = [{"type": "function", "function": {"name": "f", "description": text}}]
     estimate = PROVIDER.estimate(CHAT, body(messages=messages, tools=tools, max_tokens=1), DEFAULT)
     assert 3 * 2000 + IMAGE_TOKENS < estimate.tokens < 3 * 4000 + IMAGE_TOKENS
-    multibyte = PROVIDER.estimate(CHAT, body(messages=[{"role": "user", "content": "世界" * 500}], max_tokens=1), DEFAULT)  # fmt: skip
+    cjk = body(messages=[{"role": "user", "content": "世界" * 500}], max_tokens=1)
+    multibyte = PROVIDER.estimate(CHAT, cjk, DEFAULT)
     assert multibyte.tokens >= 1000  # at least one token per CJK character
 
 
 def test_embeddings_reserve_only_the_input() -> None:
-    single = PROVIDER.estimate("/v1/embeddings", body(model="text-embedding-3-small", input="hello world"), DEFAULT)  # fmt: skip
+    one = body(model="text-embedding-3-small", input="hello world")
+    single = PROVIDER.estimate("/v1/embeddings", one, DEFAULT)
     batch = PROVIDER.estimate("/v1/embeddings", body(input=["a" * 300, [1, 2, 3, 4]]), DEFAULT)
     assert 1 <= single.tokens < 20
     assert 104 <= batch.tokens < 120
 
 
 def test_legacy_completions_batch_and_best_of() -> None:
-    estimate = PROVIDER.estimate("/v1/completions", body(prompt=["a", "b"], max_tokens=10, n=2, best_of=5), DEFAULT)  # fmt: skip
+    request = body(prompt=["a", "b"], max_tokens=10, n=2, best_of=5)
+    estimate = PROVIDER.estimate("/v1/completions", request, DEFAULT)
     assert estimate.tokens >= 2 * 5 * 10
 
 
@@ -191,8 +207,9 @@ def test_body_shape_decides_on_unknown_paths_and_prefixes_work() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"not json", b"[1, 2]", b'"string"', b"null", b'{"messages": ', b"[" * 5000, b"\xff\xfe",
-     body(messages="oops", max_tokens="many", n=-3), body(messages=[None, 1, [[]]], max_tokens=True),
+    [b"", b"not json", b"[1, 2]", b'"string"', b"null", b'{"messages": ', b"[" * 5000,
+     b"\xff\xfe", body(messages="oops", max_tokens="many", n=-3),
+     body(messages=[None, 1, [[]]], max_tokens=True),
      body(input={"deep": [[[[[[[[[[{"a": "b"}]]]]]]]]]]}), body(stream="yes", stream_options=[])],
 )  # fmt: skip
 def test_malformed_requests_never_raise(raw: bytes) -> None:
@@ -212,9 +229,12 @@ def test_absurd_caps_are_bounded() -> None:
 
 
 def test_injection_preserves_the_request() -> None:
-    original = body(model="gpt-4o", messages=[{"role": "user", "content": "é"}], stream=True, seed=99999999999999999999, temperature=0.7)  # fmt: skip
+    messages = [{"role": "user", "content": "é"}]
+    original = body(messages=messages, stream=True, seed=99999999999999999999, temperature=0.7)
     estimate = PROVIDER.estimate(CHAT, original, DEFAULT)
-    assert estimate.stream and estimate.injected_usage and estimate.body is not None
+    assert estimate.stream
+    assert estimate.injected_usage
+    assert estimate.body is not None
     assert json.loads(estimate.body) == {
         **json.loads(original),
         "stream_options": {"include_usage": True},
@@ -246,7 +266,8 @@ def test_injection_only_when_needed(options: object, injected: bool) -> None:
 def test_no_injection_for_unstreamed_or_responses_requests() -> None:
     assert PROVIDER.estimate(CHAT, body(messages=[], stream=False), DEFAULT).body is None
     streamed = PROVIDER.estimate("/v1/responses", body(input="hi", stream=True), DEFAULT)
-    assert streamed.stream and streamed.body is None
+    assert streamed.stream
+    assert streamed.body is None
 
 
 @given(st.lists(st.integers(0, 5000), max_size=40))
@@ -330,9 +351,14 @@ def test_responses_api_stream_usage_any_split(cuts: list[int]) -> None:
 @pytest.mark.parametrize(
     ("response", "usage"),
     [
-        ('{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":' + _CHAT_USAGE + "}", Usage(19, 10)),
-        ('{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}', Usage(8, 0)),
-        (_RESPONSE.format(status="completed", output=f"[{_MESSAGE}]", usage=_RESPONSE_USAGE), Usage(36, 87)),
+        ('{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":'
+         '{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":'
+         + _CHAT_USAGE + "}", Usage(19, 10)),
+        ('{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1,-0.2]}],'
+         '"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}',
+         Usage(8, 0)),
+        (_RESPONSE.format(status="completed", output=f"[{_MESSAGE}]", usage=_RESPONSE_USAGE),
+         Usage(36, 87)),
         ('{"error":{"message":"Rate limit","type":"requests","code":"rate_limit_exceeded"}}', None),
         ('{"usage": {"prompt_tokens": 5, "completion_tokens": ', None),
     ],

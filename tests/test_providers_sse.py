@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,7 +25,7 @@ from tokenfirewall.providers.sse import SSEEvent, SSEParser
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     """`data` cut at the given offsets (empty chunks included)."""
     bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def parse(chunks: list[bytes], max_event_bytes: int = 1024 * 1024) -> list[SSEEvent]:
@@ -111,7 +113,7 @@ def test_parser_memory_is_bounded() -> None:
 
 
 _LINE_ENDS = st.sampled_from([b"\n", b"\r\n", b"\r"])
-_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"))
+_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"))
 
 
 @st.composite

@@ -94,7 +94,9 @@ async def test_refusal_charges_nothing(storage: Storage) -> None:
 
 async def test_concurrent_reservations_never_exceed_the_limit(storage: Storage) -> None:
     policy = Policy(monthly_limit=10_000, rollover=False, max_carryover=0)
-    results = await asyncio.gather(*(storage.reserve(req("hot", 37, policy=policy)) for _ in range(500)))
+    results = await asyncio.gather(
+        *(storage.reserve(req("hot", 37, policy=policy)) for _ in range(500))
+    )
     admitted = sum(r.admitted for r in results)
     assert admitted == 10_000 // 37
     snap = await storage.snapshot("hot", "2026-12")

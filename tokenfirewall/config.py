@@ -17,7 +17,7 @@ __all__ = ["BudgetInfo", "Policy", "Rollover", "UserBudget"]
 
 MAX_LIMIT = 10**15  # far above any real budget, far below Lua's 2**53 exact integers
 
-UserIdExtractor = Callable[["Request"], "str | None | Awaitable[str | None]"]
+UserIdExtractor = Callable[["Request"], "str | Awaitable[str | None] | None"]
 LimitSource = int | Callable[[str], "int | Awaitable[int]"]
 ExceededHandler = Callable[["Request", "BudgetInfo"], "ASGIApp | Awaitable[ASGIApp]"]
 

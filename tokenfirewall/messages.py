@@ -89,7 +89,9 @@ class BudgetExceeded(
     at: int = 0
 
 
-class PeriodClosed(msgspec.Struct, tag="period.closed", tag_field="type", frozen=True, kw_only=True):
+class PeriodClosed(
+    msgspec.Struct, tag="period.closed", tag_field="type", frozen=True, kw_only=True
+):
     v: int = VERSION
     user: str
     period: str

@@ -137,8 +137,9 @@ class TokenFirewall:
 
     async def _metered(self, request: Request, user_id: str, receive: Receive, send: Send) -> None:
         scope = request.scope
-        estimate = self.provider.estimate(scope.get("path", "/"), request.body,
-                                          self.default_reservation)
+        estimate = self.provider.estimate(
+            scope.get("path", "/"), request.body, self.default_reservation
+        )
         now = self.clock()
         period = period_of(now, self.timezone)
         policy = await self._policy(user_id)
@@ -159,9 +160,7 @@ class TokenFirewall:
         except StorageUnavailableError:
             if not self.fail_open:
                 log.warning("storage_unavailable_rejecting", user=user_id)
-                await error_response(503, "Token budget service unavailable")(
-                    scope, receive, send
-                )
+                await error_response(503, "Token budget service unavailable")(scope, receive, send)
                 return
             log.warning("storage_unavailable_admitting", user=user_id)
             result = None
@@ -213,8 +212,14 @@ class TokenFirewall:
         send: Send,
     ) -> None:
         if result.first_refusal:
-            refusal = Refused(user=info.user_id, period=info.period, requested=info.requested,
-                              used=info.used, limit=info.limit, at=int(now.timestamp() * 1000))
+            refusal = Refused(
+                user=info.user_id,
+                period=info.period,
+                requested=info.requested,
+                used=info.used,
+                limit=info.limit,
+                at=int(now.timestamp() * 1000),
+            )
             with anyio.move_on_after(self.settle_timeout, shield=True):
                 try:
                     await self.storage.refused(refusal)

@@ -34,7 +34,7 @@ class Headers(Mapping[str, str]):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key.lower() in self._lookup()
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return self._lookup().get(key.lower(), default)
 
     def __iter__(self) -> Iterator[str]:
@@ -84,4 +84,4 @@ class Request:
     @property
     def client(self) -> tuple[str, int] | None:
         client = self.scope.get("client")
-        return tuple(client) if client else None  # type: ignore[return-value]
+        return (str(client[0]), int(client[1])) if client else None

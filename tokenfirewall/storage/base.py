@@ -75,7 +75,7 @@ class Storage(abc.ABC):
     async def snapshot(self, user_id: str, period: str) -> PeriodSnapshot | None:
         """The stored record of a user-period, or None when the user never used it."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Flush what is buffered and release connections."""
 
     async def __aenter__(self) -> Self:

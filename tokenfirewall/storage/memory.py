@@ -42,7 +42,9 @@ class _User:
     last: int | None = None
     override: int | None = None
     periods: dict[int, _Record] = field(default_factory=dict)
-    open: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # rid -> idx, amount, expiry
+    open: dict[str, tuple[int, int, int]] = field(
+        default_factory=dict
+    )  # rid -> idx, amount, expiry
     released: dict[str, tuple[int, int]] = field(default_factory=dict)
     applied: set[str] = field(default_factory=set)
 

@@ -88,7 +88,7 @@ class RedisStorage(Storage):
         **options: Any,
     ) -> RedisStorage:
         """Connect lazily to ``url`` (``redis://``, ``rediss://``, ``unix://``)."""
-        client_options = {
+        client_options: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "health_check_interval": 30,
@@ -189,8 +189,13 @@ class RedisStorage(Storage):
             # Counted and logged loudly: the one place usage can be lost is a
             # buffer overflow during a long outage, and operators must see it.
             self.dropped += 1
-            log.error("settlement_dropped", rid=settlement.rid, user=settlement.user,
-                      actual=settlement.actual, dropped=self.dropped)
+            log.error(
+                "settlement_dropped",
+                rid=settlement.rid,
+                user=settlement.user,
+                actual=settlement.actual,
+                dropped=self.dropped,
+            )
             return
         self._backlog.append(settlement)
 
@@ -220,7 +225,7 @@ class RedisStorage(Storage):
             await self._publish(refusal.user, encode(refusal))
 
     async def snapshot(self, user_id: str, period: str) -> PeriodSnapshot | None:
-        tag, keys = self._user_keys(user_id, period)
+        _, keys = self._user_keys(user_id, period)
         idx = month_index(period)
         pipe = self.client.pipeline(transaction=False)
         pipe.get(keys[0])
