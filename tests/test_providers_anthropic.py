@@ -46,7 +46,7 @@ _START_USAGE = {
     "service_tier": "standard",
 }
 _FINAL_USAGE = {**_START_USAGE, "output_tokens": 15}
-_MESSAGE_START = {
+_MESSAGE_START: dict[str, object] = {
     "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
     "type": "message",
     "role": "assistant",
