@@ -18,13 +18,16 @@ NOW_MS = 1_796_000_000_000  # late 2026
 POLICY = Policy(monthly_limit=1000, rollover=True, max_carryover=300)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[Storage]:
     if request.param == "memory":
         backend: Storage = MemoryStorage()
-    else:
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         backend = RedisStorage.from_url(url, mode="direct")
+    else:
+        urls = request.getfixturevalue("cluster_urls")
+        backend = RedisStorage.from_url(urls[0], mode="direct", cluster=True)
     async with backend:
         yield backend
 
