@@ -11,7 +11,18 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenfirewall.errors import StorageUnavailableError
 from tokenfirewall.storage.scripts import Script
@@ -19,6 +30,31 @@ from tokenfirewall.storage.scripts import Script
 __all__ = ["AutoPipeline", "Command"]
 
 Command = tuple[Any, ...]
+
+# Server states in which Redis answers but cannot serve us for now (full under
+# noeviction, loading its AOF, a read-only replica, a cluster reconfiguring,
+# an ACL that forbids us): outages, which must follow the failure policy (fail
+# open or 503) rather than surface as exceptions (500s) in the app.
+_UNAVAILABLE = (
+    RedisConnectionError,  # includes LOADING (BusyLoadingError) and auth errors
+    RedisTimeoutError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ClusterDownError,  # includes MASTERDOWN
+    TryAgainError,
+    NoPermissionError,
+)
+# Replies redis-py does not map to a class of its own.
+_UNAVAILABLE_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ")
+
+
+def classify(error: Exception) -> Exception:
+    """``StorageUnavailableError`` for an outage; any other error as it is (a bug)."""
+    if isinstance(error, _UNAVAILABLE) or str(error).startswith(_UNAVAILABLE_CODES):
+        unavailable = StorageUnavailableError(f"redis unavailable: {error!r}")
+        unavailable.__cause__ = error
+        return unavailable
+    return error
 
 
 class _Op:
@@ -64,7 +100,7 @@ class AutoPipeline:
                 results = await self._execute([op.args for op in ops])
                 await self._retry_unloaded(ops, results)
         except ResponseError as exc:
-            self._fail(ops, exc)
+            self._fail(ops, classify(exc))
             return
         except (TimeoutError, RedisError, OSError) as exc:
             self._fail(ops, StorageUnavailableError(f"redis unavailable: {exc!r}"))
@@ -73,7 +109,8 @@ class AutoPipeline:
             if op.future.done():
                 continue  # the caller gave up (cancelled)
             if isinstance(result, Exception):
-                op.future.set_exception(result)
+                # Errors inside a pipeline come back as values, per command.
+                op.future.set_exception(classify(result))
             else:
                 op.future.set_result(result)
 

@@ -6,6 +6,12 @@
 --       monthly limit, rollover (0/1), cap, threshold percents (comma list)
 local idx, rid = tonumber(ARGV[3]), ARGV[4]
 local reserved, actual = tonumber(ARGV[5]), tonumber(ARGV[6])
+-- An unreserved settlement (admitted while Redis seemed down) is recorded by
+-- id first, whatever else happens: its reserve may still land late under the
+-- same id, and a resend must then find the id already applied.
+if reserved == 0 and redis.call('SADD', KEYS[6], rid) == 0 then
+  return {0}
+end
 local delta
 local entry = redis.call('HGET', KEYS[4], rid)
 if entry then
@@ -13,7 +19,7 @@ if entry then
   delta = actual - tonumber(string.match(entry, '^%d+:(%d+):'))
 elseif redis.call('HDEL', KEYS[5], rid) == 1 then
   delta = actual
-elseif reserved == 0 and redis.call('SADD', KEYS[6], rid) == 1 then
+elseif reserved == 0 then
   delta = actual
 else
   return {0}
