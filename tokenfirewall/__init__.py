@@ -7,6 +7,7 @@ from tokenfirewall.errors import (
     StorageUnavailableError,
     TokenFirewallError,
 )
+from tokenfirewall.events import subscribe
 from tokenfirewall.middleware import TokenFirewall
 from tokenfirewall.request import Request
 from tokenfirewall.storage import MemoryStorage, RedisStorage, Storage
@@ -24,6 +25,7 @@ __all__ = [
     "TokenFirewallError",
     "UserBudget",
     "record_usage",
+    "subscribe",
 ]
 
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 Every entry of the usage and events streams has one field, ``m``, holding a
 JSON object with a ``type`` tag and a version ``v``, so any language can read
-them. ``docs/data-model.md`` documents each field.
+them. ``docs/events.md`` documents each field.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import structlog
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisError, ResponseError
 
 from tokenfirewall.errors import ConfigurationError, StorageUnavailableError
 from tokenfirewall.keys import Keys, encode_user_id
@@ -186,18 +187,23 @@ class RedisStorage(Storage):
 
     def _keep(self, settlement: Settled) -> None:
         if len(self._backlog) >= self._backlog_size:
-            # Counted and logged loudly: the one place usage can be lost is a
-            # buffer overflow during a long outage, and operators must see it.
-            self.dropped += 1
-            log.error(
-                "settlement_dropped",
-                rid=settlement.rid,
-                user=settlement.user,
-                actual=settlement.actual,
-                dropped=self.dropped,
-            )
+            self._drop(settlement, "backlog full")
             return
         self._backlog.append(settlement)
+
+    def _drop(self, settlement: Settled, reason: str) -> None:
+        # Counted and logged loudly: usage is lost only here (a buffer
+        # overflow during a long outage, or a settlement Redis rejects), and
+        # operators must see it.
+        self.dropped += 1
+        log.error(
+            "settlement_dropped",
+            rid=settlement.rid,
+            user=settlement.user,
+            actual=settlement.actual,
+            dropped=self.dropped,
+            reason=reason,
+        )
 
     @property
     def backlog(self) -> int:
@@ -218,6 +224,11 @@ class RedisStorage(Storage):
                     await self._send(self._backlog[0])
                 except StorageUnavailableError:
                     return
+                except ResponseError as exc:
+                    # Redis answered and refused this settlement (it would
+                    # every time): drop it, counted, rather than block every
+                    # settlement behind it and fail the requests that flush.
+                    self._drop(self._backlog[0], repr(exc))
                 self._backlog.popleft()
 
     async def refused(self, refusal: Refused) -> None:
@@ -233,7 +244,7 @@ class RedisStorage(Storage):
         pipe.hvals(keys[3])
         try:
             charged, record, reservations = await pipe.execute()
-        except (OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:  # redis-py's are not OSErrors
             raise StorageUnavailableError(str(exc)) from exc
         if record[0] is None:
             return None
