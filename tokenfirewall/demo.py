@@ -156,7 +156,9 @@ def _user(request: Request) -> str | None:
 
 async def print_table(storage: MemoryStorage, period: str, tallies: dict[str, Tally]) -> None:
     print(f"Period {period}")
-    header = f"{'user':<8}{'used':>9}{'limit':>9}{'bonus':>8}{'remaining':>11}{'ok':>5}{'refusals':>10}"
+    header = (
+        f"{'user':<8}{'used':>9}{'limit':>9}{'bonus':>8}{'remaining':>11}{'ok':>5}{'refusals':>10}"
+    )
     print(header)
     print("-" * len(header))
     for user, tally in tallies.items():

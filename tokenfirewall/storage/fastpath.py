@@ -72,7 +72,26 @@ class _Protocol(asyncio.Protocol):
 def _reply_error(message: str) -> Exception:
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
+    if message.startswith(_OUTAGE_CODES):
+        # The server cannot serve budgets right now: the failure policy applies.
+        return StorageUnavailableError(f"redis unavailable: {message}")
     return ResponseError(message)
+
+
+_OUTAGE_CODES = (
+    "OOM ",
+    "LOADING ",
+    "READONLY ",
+    "CLUSTERDOWN ",
+    "MASTERDOWN ",
+    "TRYAGAIN ",
+    "NOPERM ",
+    "NOAUTH ",
+    "WRONGPASS ",
+    "MISCONF ",
+    "BUSY ",
+    "NOREPLICAS ",
+)
 
 
 class FastPipeline:
@@ -159,8 +178,12 @@ class FastPipeline:
                     _, protocol = await loop.create_connection(
                         _Protocol, options["host"], options["port"], ssl=options.get("ssl")
                     )
-                await self._handshake(protocol)
-        except (OSError, TimeoutError, ResponseError) as exc:
+                try:
+                    await self._handshake(protocol)
+                except BaseException:
+                    protocol.close()
+                    raise
+        except (OSError, TimeoutError, ResponseError, StorageUnavailableError) as exc:
             raise StorageUnavailableError(f"cannot connect to redis: {exc!r}") from exc
         self._protocol = protocol
         return protocol

@@ -7,7 +7,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 from redis.asyncio import Redis, RedisCluster
@@ -24,14 +24,23 @@ from tokenfirewall.storage.base import (
     ReserveResult,
     Storage,
 )
+from tokenfirewall.storage.fastpath import FastPipeline, supports_fastpath
 from tokenfirewall.storage.pipeline import AutoPipeline
-from tokenfirewall.storage.scripts import load_script
+from tokenfirewall.storage.scripts import Script, load_script
 
 __all__ = ["RedisStorage"]
 
 log = structlog.get_logger("tokenfirewall.storage")
 
 SettleMode = Literal["stream", "direct"]
+
+
+class CommandPipeline(Protocol):
+    async def call(self, *args: Any) -> Any: ...
+
+    async def run_script(self, script: Script, keys: Sequence[str], argv: Sequence[Any]) -> Any: ...
+
+    async def aclose(self) -> None: ...
 
 
 def _int(value: Any) -> int:
@@ -57,6 +66,7 @@ class RedisStorage(Storage):
         backlog_size: int = 100_000,
         thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
         clock: Callable[[], datetime] | None = None,
+        pipeline: CommandPipeline | None = None,
     ) -> None:
         if mode not in ("stream", "direct"):
             raise ConfigurationError("mode must be 'stream' or 'direct'")
@@ -69,7 +79,8 @@ class RedisStorage(Storage):
         self.timeout = timeout
         self.clock = clock or (lambda: datetime.now(UTC))
         self._thresholds = ",".join(str(int(p)) for p in thresholds)
-        self._pipeline = AutoPipeline(client, timeout)
+        # The hot path's commands; redis-py's client serves everything else.
+        self._pipeline: CommandPipeline = pipeline or AutoPipeline(client, timeout)
         # Settlements that could not be published yet, oldest first.
         self._backlog: deque[Settled] = deque()
         self._backlog_size = backlog_size
@@ -94,11 +105,12 @@ class RedisStorage(Storage):
             "socket_connect_timeout": timeout,
             "health_check_interval": 30,
         }
-        client: Any = (
-            RedisCluster.from_url(url, **client_options)
-            if cluster
-            else Redis.from_url(url, **client_options)
-        )
+        if cluster:
+            client: Any = RedisCluster.from_url(url, **client_options)
+        else:
+            client = Redis.from_url(url, **client_options)
+            if supports_fastpath(url):
+                options.setdefault("pipeline", FastPipeline(url, timeout))
         return cls(client, timeout=timeout, **options)
 
     def _user_keys(self, user_id: str, period: str) -> tuple[str, list[str]]:
