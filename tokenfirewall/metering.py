@@ -9,7 +9,7 @@ import structlog
 from tokenfirewall.config import BudgetInfo, Policy
 from tokenfirewall.context import Meter
 from tokenfirewall.messages import Settled
-from tokenfirewall.providers import Estimate, Provider, ResponseObserver
+from tokenfirewall.providers import MAX_USAGE_TOKENS, Estimate, Provider, ResponseObserver
 from tokenfirewall.responses import budget_headers
 from tokenfirewall.types import Message, Send
 
@@ -66,7 +66,10 @@ class ResponseMeter:
         for key, value in headers:
             if key.lower() == b"content-type":
                 content_type = value.decode("latin-1")
-        self._observer = self._provider.observer(self._estimate, self.status, content_type)
+        try:
+            self._observer = self._provider.observer(self._estimate, self.status, content_type)
+        except Exception:  # a custom provider's bug must not break the response
+            log.exception("provider_observer_failed", provider=self._provider.name)
         if self._observer is not None and self._estimate.injected_usage:
             # We strip the usage chunk we asked for, so the length would lie.
             headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
@@ -77,9 +80,16 @@ class ResponseMeter:
         observer = self._observer
         if observer is None:  # pragma: no cover - guarded by the caller
             return message
-        chunk = observer.feed(message.get("body", b""))
-        if not message.get("more_body", False):
-            chunk += observer.close()
+        body = message.get("body", b"")
+        try:
+            chunk = observer.feed(body)
+            if not message.get("more_body", False):
+                chunk += observer.close()
+        except Exception:
+            # Only a custom provider's bug gets here; the response must go on.
+            log.exception("provider_observer_failed", provider=self._provider.name)
+            self._observer = None
+            return message
         return {**message, "body": chunk}
 
     def failed(self) -> None:
@@ -109,14 +119,22 @@ class ResponseMeter:
         observer = self._observer
         if observer is not None:
             if not self.completed:
-                observer.close()
+                # A disconnect or failure mid-body: count the usage seen so far.
+                self._close_quietly(observer)
             if observer.usage is not None:
-                return observer.usage.total
+                return min(observer.usage.total, MAX_USAGE_TOKENS)
         if self.status >= 400 or (self.error and not self.status):
             return 0
         return self._estimate.tokens
 
+    def _close_quietly(self, observer: ResponseObserver) -> None:
+        try:
+            observer.close()
+        except Exception:
+            log.exception("provider_observer_failed", provider=self._provider.name)
+
     def settlement(self, meter: Meter, policy: Policy, now: datetime) -> Settled:
+        meter.settled = True  # instrumented streams closing later must not count
         return Settled(
             rid=meter.reservation_id,
             user=meter.user_id,
