@@ -157,6 +157,16 @@ async def test_rollover_chains_over_idle_months(storage: Storage) -> None:
     assert later.bonus == 250  # the cap bounds the chain
 
 
+async def test_user_idle_beyond_the_lookback_starts_afresh(storage: Storage) -> None:
+    policy = Policy(monthly_limit=100, rollover=True, max_carryover=250)
+    await spend(storage, "alice", "2024-11", 10, policy)
+    within = await storage.reserve(req("alice", 1, "2026-11", policy))  # 24 months later
+    assert within.bonus == 250
+    await spend(storage, "bob", "2024-11", 10, policy)
+    beyond = await storage.reserve(req("bob", 1, "2026-12", policy))  # 25 months later
+    assert beyond.bonus == 0
+
+
 async def test_rollover_disabled_gives_no_bonus(storage: Storage) -> None:
     policy = Policy(monthly_limit=100, rollover=False, max_carryover=100)
     await spend(storage, "alice", "2026-11", 10, policy)

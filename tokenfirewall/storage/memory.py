@@ -18,7 +18,11 @@ from tokenfirewall.messages import Refused, Settled
 from tokenfirewall.periods import month_index
 from tokenfirewall.storage.base import PeriodSnapshot, ReserveRequest, ReserveResult, Storage
 
-__all__ = ["MemoryStorage"]
+__all__ = ["LOOKBACK_MONTHS", "MemoryStorage"]
+
+# A user with no record in this many earlier months starts afresh (as in the
+# Lua scripts' LOOKBACK).
+LOOKBACK_MONTHS = 24
 
 
 @dataclass(slots=True)
@@ -39,7 +43,6 @@ class _Record:
 
 @dataclass(slots=True)
 class _User:
-    last: int | None = None
     override: int | None = None
     periods: dict[int, _Record] = field(default_factory=dict)
     open: dict[str, tuple[int, int, int]] = field(
@@ -82,18 +85,18 @@ class MemoryStorage(Storage):
     def _open_period(self, user: _User, idx: int, policy: Policy) -> _Record:
         limit = policy.monthly_limit if user.override is None else user.override
         bonus, final = 0, True
-        if policy.rollover and user.last is not None and user.last < idx:
-            last = user.periods.get(user.last)
-            # Provisional until the worker closes the earlier period: charged
-            # (usage plus open reservations) never exceeds final usage's bonus.
-            unused = max(0, last.limit - max(last.charged, last.used)) if last else 0
-            idle = idx - user.last - 1
+        earlier = [i for i in user.periods if idx - LOOKBACK_MONTHS <= i < idx]
+        if policy.rollover and earlier:
+            last_idx = max(earlier)
+            last = user.periods[last_idx]
+            # Charged (usage plus open reservations) is never below final usage,
+            # so this provisional bonus never exceeds the final one.
+            unused = max(0, last.limit - last.charged)
+            idle = idx - last_idx - 1
             bonus = min(unused + idle * limit, policy.max_carryover)
-            final = last is None or last.closed
+            final = last.closed
         record = _Record(monthly_limit=limit, bonus=bonus, bonus_final=final)
         user.periods[idx] = record
-        if user.last is None or idx > user.last:
-            user.last = idx
         return record
 
     def _release_expired(self, user: _User, now_ms: int) -> None:

@@ -38,19 +38,35 @@ local function carry(last, idx, limit, cap)
   return math.min(unused + (idx - last - 1) * limit, cap), final
 end
 
+-- How far back (and forward) a user's records are looked for. A user with no
+-- record in that window starts afresh: no bonus, as in a first month. Records
+-- live for the worker's retention (400 days by default), and the cap bounds
+-- any carry-over long before two idle years.
+local LOOKBACK = 24
+
+-- The latest period before `idx` with a record, or -1. Probing a few keys at
+-- the first request of a month costs less than a per-user pointer key would
+-- cost in memory for every user, all the time.
+local function previous_record(idx)
+  for i = idx - 1, idx - LOOKBACK, -1 do
+    if redis.call('EXISTS', key('period', i)) == 1 then return i end
+  end
+  return -1
+end
+
 -- Make sure the record of period `idx` exists, storing the policy in force;
--- returns monthly limit, bonus and granted top-ups.
+-- returns monthly limit, bonus and granted top-ups. `ukey` is the user hash,
+-- which exists only for users with a limit override (`o`) or a hashed id.
 local function open_period(pkey, ukey, idx, limit, rollover, cap)
   local rec = redis.call('HMGET', pkey, 'l', 'b', 'g')
   if rec[1] then return n(rec[1]), n(rec[2]), n(rec[3]) end
   local override = redis.call('HGET', ukey, 'o')
   if override then limit = n(override) end
-  local last = tonumber(redis.call('HGET', ukey, 'p') or -1)
   local bonus, final = 0, 1
-  if rollover == 1 and last >= 0 and last < idx then
-    bonus, final = carry(last, idx, limit, cap)
+  if rollover == 1 then
+    local last = previous_record(idx)
+    if last >= 0 then bonus, final = carry(last, idx, limit, cap) end
   end
   redis.call('HSET', pkey, 'l', limit, 'r', rollover, 'c', cap, 'b', bonus, 'f', final, 'u', 0)
-  if last < idx then redis.call('HSET', ukey, 'p', idx) end
   return limit, bonus, 0
 end

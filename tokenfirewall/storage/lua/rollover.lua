@@ -2,15 +2,9 @@
 -- settle_many.lua (the worker composes them after common.lua). Needs `key`,
 -- `n` and TAG from common.lua; TAG may be reassigned per user by the caller.
 
--- A user back after a long absence needs no longer search: the cap bounds
--- the carried amount long before 100 years of idle months.
-local MAX_GAP = 1200
-
--- The first period after `idx` that has a record, up to the user's latest.
+-- The first period after `idx` that has a record (within LOOKBACK months).
 local function next_record(idx)
-  local last = tonumber(redis.call('HGET', key('user'), 'p') or -1)
-  if last > idx + MAX_GAP then last = idx + MAX_GAP end
-  for i = idx + 1, last do
+  for i = idx + 1, idx + LOOKBACK do
     if redis.call('EXISTS', key('period', i)) == 1 then return i end
   end
   return nil
