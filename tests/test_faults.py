@@ -40,7 +40,6 @@ PERIOD = "2026-12"
 USERS = [f"user{i}" for i in range(5)]
 LIMIT = 10**9  # never refuses: these tests are about outages, not budgets
 STORAGE_TIMEOUT = 0.3
-SETTLE_TIMEOUT = 0.5
 # Scheduling noise on a busy CI machine, on top of the configured timeouts.
 SLACK = 1.0
 CONCURRENCY = 16
@@ -130,7 +129,6 @@ def firewall(storage: RedisStorage, *, fail_open: bool) -> TokenFirewall:
         storage=storage,
         clock=lambda: NOW,
         fail_open=fail_open,
-        settle_timeout=SETTLE_TIMEOUT,
     )
 
 
@@ -179,20 +177,19 @@ async def outage(
         await until(lambda: load.count(since=broken_at + STORAGE_TIMEOUT) >= 48, 20, "outage")
         await repair()
         repaired_at = time.monotonic()
-        await until(
-            lambda: load.count(since=repaired_at, status=200) >= 100 and storage.backlog == 0,
-            20,
-            "recovery and a flushed backlog",
-        )
+        await until(lambda: load.count(since=repaired_at, status=200) >= 100, 20, "recovery")
         load.stop.set()
         await running
+        # Under load the backlog drains a pipelined chunk at a time behind new
+        # settlements (kept in order); with the load gone it empties.
+        await until(lambda: storage.backlog == 0, 20, "a flushed backlog")
     await storage.aclose()
     return load, storage, broken_at
 
 
 def assert_no_request_hung(load: Load) -> None:
     # Worst case: a reserve that times out, then a settlement that does.
-    bound = STORAGE_TIMEOUT + SETTLE_TIMEOUT + SLACK
+    bound = STORAGE_TIMEOUT + SLACK
     slowest = max(o.duration for o in load.outcomes)
     assert slowest < bound, f"a request took {slowest:.2f}s (bound {bound:.2f}s)"
 

@@ -389,10 +389,11 @@ async def test_concurrent_requests_on_redis_never_overspend(redis_url: str) -> N
     estimate = 1000 - int(responses[0].headers["x-tokenfirewall-remaining"])
     assert ok == 1000 // estimate
     assert all(r.status_code in (200, 429) for r in responses)
-    snap = await storage.snapshot("alice", "2026-12")
+    await storage.aclose()  # waits for the settlements handed over after each response
+    async with RedisStorage.from_url(redis_url, mode="direct") as reader:
+        snap = await reader.snapshot("alice", "2026-12")
     assert snap is not None
-    assert snap.used == 15 * ok
-    await storage.aclose()
+    assert (snap.used, snap.open_reservations) == (15 * ok, 0)
 
 
 async def test_unreachable_redis_fails_closed_fast() -> None:
@@ -411,6 +412,9 @@ async def test_unreachable_redis_fails_open_and_buffers() -> None:
     async with client(firewall(storage, fail_open=True)) as c:
         r = await post(c)
     assert r.status_code == 200
+    deadline = asyncio.get_running_loop().time() + 5
+    while storage.backlog != 1 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)  # the settlement is handed over after the response
     assert storage.backlog == 1
     await storage.client.aclose()
 

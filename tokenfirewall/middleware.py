@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-import anyio
 import structlog
+from redis.exceptions import RedisError
 
 from tokenfirewall.config import BudgetInfo, Policy, UserBudget, check_amount
 from tokenfirewall.context import Meter, bind, unbind
@@ -53,7 +53,6 @@ class TokenFirewall:
         reservation_ttl: float = 900.0,
         timezone: tzinfo | None = None,
         fail_open: bool = False,
-        settle_timeout: float = 1.0,
     ) -> None:
         self.app = app
         self.budget = user_budget
@@ -69,7 +68,6 @@ class TokenFirewall:
         self.reservation_ttl_ms = int(reservation_ttl * 1000)
         self.timezone = timezone
         self.fail_open = fail_open
-        self.settle_timeout = settle_timeout
         limit = user_budget.monthly_token_limit
         self._static_policy = (
             None if callable(limit) else Policy.resolve(limit, user_budget.rollover)
@@ -220,11 +218,11 @@ class TokenFirewall:
                 limit=info.limit,
                 at=int(now.timestamp() * 1000),
             )
-            with anyio.move_on_after(self.settle_timeout, shield=True):
-                try:
-                    await self.storage.refused(refusal)
-                except StorageUnavailableError:
-                    log.warning("refusal_not_published", user=info.user_id)
+            try:
+                await self.storage.refused(refusal)
+            except (StorageUnavailableError, RedisError) as exc:
+                # Only the budget.exceeded event is at stake, never a budget.
+                log.warning("refusal_not_published", user=info.user_id, error=repr(exc))
         handler = self.budget.on_budget_exceeded
         response = None
         if handler is not None:
@@ -258,18 +256,12 @@ class TokenFirewall:
             raise
         finally:
             unbind(token)
-            await self._settle(response, meter, policy)
+            self._settle(response, meter, policy)
 
-    async def _settle(self, response: ResponseMeter, meter: Meter, policy: Policy) -> None:
-        settlement = response.settlement(meter, policy, self.clock())
-        # Shielded: a cancelled request (client gone) must still be settled.
-        with anyio.move_on_after(self.settle_timeout, shield=True) as scope:
-            try:
-                await self.storage.settle(settlement)
-            except StorageUnavailableError:
-                log.warning("settlement_buffered", rid=settlement.rid, user=settlement.user)
-        if scope.cancelled_caught:
-            log.warning("settlement_timed_out", rid=settlement.rid, user=settlement.user)
+    def _settle(self, response: ResponseMeter, meter: Meter, policy: Policy) -> None:
+        # Handed over without waiting: the response is done, and a cancelled
+        # request (client gone) must not be able to lose its settlement.
+        self.storage.settle_soon(response.settlement(meter, policy, self.clock()))
 
 
 def _with_content_length(scope: Scope, length: int) -> Scope:

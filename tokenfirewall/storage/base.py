@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -13,6 +14,9 @@ from tokenfirewall.messages import Refused, Settled
 __all__ = ["PeriodSnapshot", "ReserveRequest", "ReserveResult", "Storage"]
 
 DEFAULT_THRESHOLDS = (80, 90)
+
+# The event loop keeps only weak references to tasks.
+_pending: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,17 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def settle(self, settlement: Settled) -> None:
         """Replace a reservation by the tokens actually used (exactly once per id)."""
+
+    def settle_soon(self, settlement: Settled) -> None:
+        """Hand a settlement over without waiting; must never raise.
+
+        The middleware calls this when a response ends, so the request does
+        not wait on storage. Backends override it with something cheaper than
+        this default, a task running :meth:`settle`.
+        """
+        task = asyncio.get_running_loop().create_task(self.settle(settlement))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
 
     @abc.abstractmethod
     async def refused(self, refusal: Refused) -> None:

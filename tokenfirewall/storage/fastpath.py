@@ -107,6 +107,10 @@ class FastPipeline:
     async def call(self, *args: Any) -> Any:
         return await self._submit(hiredis.pack_command(args))
 
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue a command without waiting; the future holds its reply."""
+        return self._submit(hiredis.pack_command(args))
+
     async def run_script(self, script: Script, keys: Sequence[str], argv: Sequence[Any]) -> Any:
         try:
             return await self._submit(
@@ -160,8 +164,11 @@ class FastPipeline:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
         def written(task: asyncio.Task[_Protocol]) -> None:
-            if task.cancelled() or task.exception() is not None:
-                _fail(batch, StorageUnavailableError(f"redis unreachable: {task.exception()!r}"))
+            if task.cancelled():
+                _fail(batch, StorageUnavailableError("redis connection attempt cancelled"))
+                return
+            if (error := task.exception()) is not None:
+                _fail(batch, StorageUnavailableError(f"redis unreachable: {error!r}"))
                 return
             self._write(task.result(), batch)
 

@@ -107,6 +107,10 @@ class MemoryStorage(Storage):
                 user.released[rid] = (idx, amount)
 
     async def settle(self, settlement: Settled) -> None:
+        self.settle_soon(settlement)
+
+    def settle_soon(self, settlement: Settled) -> None:
+        """Applied at once: nothing to wait for in process."""
         with self._lock:
             user = self._users.setdefault(settlement.user, _User())
             idx = month_index(settlement.period)

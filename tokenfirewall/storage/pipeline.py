@@ -76,6 +76,10 @@ class AutoPipeline:
     async def call(self, *args: Any) -> Any:
         return await self._submit(args, None)
 
+    def submit(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue a command without waiting; the future holds its reply."""
+        return self._submit(args, None)
+
     async def run_script(self, script: Script, keys: Sequence[str], argv: Sequence[Any]) -> Any:
         return await self._submit(("EVALSHA", script.sha, len(keys), *keys, *argv), script)
 

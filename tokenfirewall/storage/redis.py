@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,10 +34,13 @@ __all__ = ["RedisStorage"]
 log = structlog.get_logger("tokenfirewall.storage")
 
 SettleMode = Literal["stream", "direct"]
+FLUSH_CHUNK = 512
 
 
 class CommandPipeline(Protocol):
     async def call(self, *args: Any) -> Any: ...
+
+    def submit(self, *args: Any) -> asyncio.Future[Any]: ...
 
     async def run_script(self, script: Script, keys: Sequence[str], argv: Sequence[Any]) -> Any: ...
 
@@ -87,6 +91,9 @@ class RedisStorage(Storage):
         self.dropped = 0
         self._flush_lock: asyncio.Lock | None = None
         self._flush_task: asyncio.Task[None] | None = None
+        # Settlements handed over but not yet confirmed, awaited by aclose().
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._retry: asyncio.TimerHandle | None = None
         self._reserve = load_script("reserve")
         self._settle = load_script("settle")
 
@@ -164,6 +171,43 @@ class RedisStorage(Storage):
             self._keep(settlement)
             raise
 
+    def settle_soon(self, settlement: Settled) -> None:
+        """Hand a settlement over without waiting for Redis; never raises.
+
+        In stream mode the XADD goes out on the next write of the pipelined
+        connection (the same one as the next pre-check, so order holds); if it
+        fails, the settlement joins the backlog. Nothing waits on the request
+        path, and a cancelled request cannot lose its settlement.
+        """
+        if self._backlog:
+            self._keep(settlement)
+            self._flush_soon()
+            return
+        if self.mode == "direct":
+            self._track(asyncio.get_running_loop().create_task(self._settle_quietly(settlement)))
+            return
+        future = self._publish_nowait(settlement.user, encode(settlement))
+        self._inflight.add(future)
+        future.add_done_callback(lambda done: self._published(done, settlement))
+
+    def _published(self, future: asyncio.Future[Any], settlement: Settled) -> None:
+        self._inflight.discard(future)
+        if future.cancelled() or future.exception() is not None:
+            log.warning("settlement_buffered", rid=settlement.rid, user=settlement.user)
+            self._keep(settlement)
+
+    async def _settle_quietly(self, settlement: Settled) -> None:
+        try:
+            await self.settle(settlement)
+        except StorageUnavailableError:
+            log.warning("settlement_buffered", rid=settlement.rid, user=settlement.user)
+        except RedisError as exc:  # kept in the backlog by settle(); say why
+            log.error("settlement_failed", rid=settlement.rid, error=repr(exc))
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
     async def apply(self, settlement: Settled) -> list[int]:
         """Apply a settlement with the exactly-once script; returns the script's reply."""
         tag, keys = self._user_keys(settlement.user, settlement.period)
@@ -192,8 +236,11 @@ class RedisStorage(Storage):
             await self._publish(settlement.user, encode(settlement))
 
     async def _publish(self, user_id: str, payload: bytes) -> None:
+        await self._publish_nowait(user_id, payload)
+
+    def _publish_nowait(self, user_id: str, payload: bytes) -> asyncio.Future[Any]:
         shard = zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % self.shards
-        await self._pipeline.call(
+        return self._pipeline.submit(
             "XADD", self.keys.usage_shard(shard, self.shards), "*", FIELD, payload
         )
 
@@ -227,21 +274,41 @@ class RedisStorage(Storage):
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_backlog())
 
     async def _flush_backlog(self) -> None:
-        """Send buffered settlements in order; stop at the first failure."""
+        """Send buffered settlements in order, a pipelined chunk at a time.
+
+        One at a time could not keep up with new settlements after a long
+        outage. Commands of a chunk go out in order on one connection; after
+        the first failure the rest stay buffered (any that did land are
+        harmless when resent: settlements apply once per reservation id).
+        """
         if self._flush_lock is None:
             self._flush_lock = asyncio.Lock()
         async with self._flush_lock:
             while self._backlog:
-                try:
-                    await self._send(self._backlog[0])
-                except StorageUnavailableError:
-                    return
-                except ResponseError as exc:
-                    # Redis answered and refused this settlement (it would
-                    # every time): drop it, counted, rather than block every
-                    # settlement behind it and fail the requests that flush.
-                    self._drop(self._backlog[0], repr(exc))
-                self._backlog.popleft()
+                chunk = list(itertools.islice(self._backlog, FLUSH_CHUNK))
+                results = await asyncio.gather(
+                    *(self._send(s) for s in chunk), return_exceptions=True
+                )
+                for settlement, result in zip(chunk, results, strict=True):
+                    if isinstance(result, ResponseError):
+                        # Redis refused this one (it would every time): drop
+                        # it, counted, rather than block everything behind it.
+                        self._drop(settlement, repr(result))
+                    elif isinstance(result, BaseException):
+                        self._retry_later()
+                        return
+                    self._backlog.popleft()
+
+    def _retry_later(self) -> None:
+        """Still unreachable: try again soon even if no request comes to trigger it."""
+        if self._retry is None or self._retry.cancelled():
+            loop = asyncio.get_running_loop()
+            self._retry = loop.call_later(self.timeout * 2, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if self._backlog:
+            self._flush_soon()
 
     async def refused(self, refusal: Refused) -> None:
         if self.mode == "stream":
@@ -282,6 +349,10 @@ class RedisStorage(Storage):
             return False
 
     async def aclose(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=self.timeout * 2)
         if self._backlog:
             await self._flush_backlog()
         if self._backlog:
