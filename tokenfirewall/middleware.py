@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-import uuid
+import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, tzinfo
 from typing import Any
@@ -85,7 +85,7 @@ class TokenFirewall:
         if not isinstance(user_id, str):
             user_id = str(user_id)
         try:
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(request, receive)
         except RequestTooLargeError:
             await error_response(413, "Request body too large")(scope, receive, send)
             return
@@ -105,9 +105,9 @@ class TokenFirewall:
         else:
             await self.app(scope, receive, send)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+    async def _read_body(self, request: Request, receive: Receive) -> bytes | None:
         """The whole body, bounded; ``None`` if the client disconnected."""
-        declared = Request(scope).headers.get("content-length")
+        declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_size:
             raise RequestTooLargeError(declared)
         chunks: list[bytes] = []
@@ -141,7 +141,7 @@ class TokenFirewall:
         now = self.clock()
         period = period_of(now, self.timezone)
         policy = await self._policy(user_id)
-        reservation_id = uuid.uuid4().hex
+        reservation_id = os.urandom(16).hex()
         now_ms = int(now.timestamp() * 1000)
         try:
             result = await self.storage.reserve(

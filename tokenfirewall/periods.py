@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
 
 from tokenfirewall.errors import ConfigurationError
 
@@ -24,6 +25,7 @@ __all__ = [
 ]
 
 
+@lru_cache(maxsize=256)
 def month_index(period: str) -> int:
     """``"2026-12"`` -> ``2026 * 12 + 11``."""
     year, sep, month = period.partition("-")
@@ -60,6 +62,7 @@ def period_start(period: str, tz: tzinfo | None = None) -> datetime:
     return local.astimezone(UTC)
 
 
+@lru_cache(maxsize=256)
 def reset_at(period: str, tz: tzinfo | None = None) -> datetime:
     """When the budget of ``period`` resets: the start of the next period."""
     return period_start(period_name(month_index(period) + 1), tz)

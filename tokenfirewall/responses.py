@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from functools import lru_cache
 
 import msgspec
 
@@ -15,6 +16,7 @@ __all__ = ["budget_headers", "error_response", "exceeded_response", "iso"]
 _json = msgspec.json.Encoder()
 
 
+@lru_cache(maxsize=256)
 def iso(instant: datetime) -> str:
     """ISO 8601 UTC with a ``Z``, the format every ``resetAt`` uses."""
     return instant.strftime("%Y-%m-%dT%H:%M:%SZ")

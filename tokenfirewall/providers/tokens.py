@@ -33,9 +33,9 @@ _INLINE_DATA_KEYS = frozenset({"data", "file_data"})
 # Real payloads nest a handful of levels; deeper structures are not prompts.
 _MAX_DEPTH = 32
 # Request fields that the model reads as prompt text, across the APIs.
-_TEXT_FIELDS = ("system", "instructions", "input", "prompt", "suffix")
+_TEXT_FIELDS = frozenset({"system", "instructions", "input", "prompt", "suffix"})
 # Definitions the provider renders into the prompt.
-_SCHEMA_FIELDS = ("tools", "functions", "response_format", "text", "tool_choice")
+_SCHEMA_FIELDS = frozenset({"tools", "functions", "response_format", "text", "tool_choice"})
 
 
 def text_tokens(text: str) -> int:
@@ -45,11 +45,16 @@ def text_tokens(text: str) -> int:
 def prompt_tokens(doc: dict[str, Any]) -> int:
     """Estimated prompt tokens of a chat, completion, response or embedding request."""
     total = REQUEST_OVERHEAD
-    messages = doc.get("messages")
-    if isinstance(messages, list):
-        total += sum(MESSAGE_OVERHEAD + _walk(m, 0) for m in messages)
-    total += sum(_walk(doc.get(key), 0) for key in _TEXT_FIELDS)
-    total += sum(_json_tokens(doc.get(key)) for key in _SCHEMA_FIELDS)
+    # One pass over the request's own keys: most requests name few of the
+    # fields we look for, and this runs on every request.
+    for key, value in doc.items():
+        if key == "messages":
+            if isinstance(value, list):
+                total += MESSAGE_OVERHEAD * len(value) + _walk(value, 0)
+        elif key in _TEXT_FIELDS:
+            total += _walk(value, 0)
+        elif key in _SCHEMA_FIELDS:
+            total += _json_tokens(value)
     return total
 
 
