@@ -227,3 +227,17 @@ async def test_hostile_ids_stay_inside_their_own_keys(redis_url: str) -> None:
         assert tag in tags
         assert key.count("{") == 1
         assert key.count("}") == 1
+
+
+async def test_a_repeated_reserve_charges_once(storage: Storage) -> None:
+    # A client retry after a timeout may run the same reservation again.
+    r = req("alice", 300)
+    first = await storage.reserve(r)
+    again = await storage.reserve(r)
+    assert first.admitted
+    assert again.admitted
+    assert again.charged == 300
+    await storage.settle(settled(r, 100))
+    snap = await storage.snapshot("alice", "2026-12")
+    assert snap is not None
+    assert (snap.charged, snap.used, snap.open_reservations) == (100, 100, 0)

@@ -66,6 +66,8 @@ class MemoryStorage(Storage):
             self._release_expired(user, request.now_ms)
             idx = month_index(request.period)
             record = user.periods.get(idx) or self._open_period(user, idx, request.policy)
+            if request.reservation_id in user.open:  # a retry: charged already
+                return self._result(record, admitted=True, first_refusal=False)
             fits = record.charged + request.estimate <= record.limit
             first_refusal = not fits and not record.refused
             if fits:
@@ -73,14 +75,18 @@ class MemoryStorage(Storage):
                 user.open[request.reservation_id] = (idx, request.estimate, request.expires_at_ms)
             else:
                 record.refused = True
-            return ReserveResult(
-                admitted=fits,
-                charged=record.charged,
-                limit=record.limit,
-                monthly_limit=record.monthly_limit,
-                bonus=record.bonus,
-                first_refusal=first_refusal,
-            )
+            return self._result(record, admitted=fits, first_refusal=first_refusal)
+
+    @staticmethod
+    def _result(record: _Record, *, admitted: bool, first_refusal: bool) -> ReserveResult:
+        return ReserveResult(
+            admitted=admitted,
+            charged=record.charged,
+            limit=record.limit,
+            monthly_limit=record.monthly_limit,
+            bonus=record.bonus,
+            first_refusal=first_refusal,
+        )
 
     def _open_period(self, user: _User, idx: int, policy: Policy) -> _Record:
         limit = policy.monthly_limit if user.override is None else user.override
