@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis, RedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from tokenfirewall.config import Policy
+from tokenfirewall.connection import connect as connect_url
 from tokenfirewall.errors import TokenFirewallError
 from tokenfirewall.keys import Keys, encode_user_id
 from tokenfirewall.messages import FIELD, decode_event
@@ -47,15 +47,11 @@ class AdminError(TokenFirewallError):
 
 def connect(url: str, *, cluster: bool, timeout: float) -> Any:
     """A client whose every call gives up after ``timeout``: no retries, no backoff."""
-    options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-    }
     if cluster:
-        return RedisCluster.from_url(url, **options)
+        return connect_url(url, cluster=True, timeout=timeout)
     # One try only: an operator wants "unreachable" within the timeout, not
     # after a retry schedule.
-    return Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+    return connect_url(url, timeout=timeout, retry=Retry(NoBackoff(), 0))
 
 
 def _int(value: Any) -> int:

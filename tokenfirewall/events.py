@@ -23,9 +23,9 @@ from typing import Any, Self
 
 import msgspec
 import structlog
-from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
+from tokenfirewall.connection import connect
 from tokenfirewall.errors import ConfigurationError
 from tokenfirewall.keys import Keys
 from tokenfirewall.messages import FIELD, BudgetEvent, decode_event
@@ -62,9 +62,13 @@ def subscribe(
     unknown = set(kinds or ()) - KINDS
     if unknown:
         raise ConfigurationError(f"unknown event kinds: {sorted(unknown)}")
-    options: dict[str, Any] = {"socket_timeout": timeout + block_ms / 1000,
-                               "socket_connect_timeout": timeout}  # fmt: skip
-    client = (RedisCluster if cluster else Redis).from_url(redis_url, **options)
+    # A blocking read legitimately waits block_ms before answering.
+    client = connect(
+        redis_url,
+        cluster=cluster,
+        timeout=timeout,
+        socket_timeout=timeout + block_ms / 1000,
+    )
     return Subscription(
         client,
         Keys(prefix).events,

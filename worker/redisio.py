@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import RedisCluster
 from redis.exceptions import NoScriptError
 
+from tokenfirewall.connection import connect as connect_url
 from tokenfirewall.storage.scripts import Script
 
 __all__ = ["connect", "glob_escape", "run_script", "run_scripts", "scan_keys", "tag_of"]
@@ -20,13 +21,7 @@ _TAG = re.compile(rb"\{([^{}]*)\}")
 
 def connect(url: str, *, cluster: bool, timeout: float) -> Any:
     """A client whose every call gives up after ``timeout`` seconds."""
-    options: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-    }
-    if cluster:
-        return RedisCluster.from_url(url, **options)
-    return Redis.from_url(url, health_check_interval=30, **options)
+    return connect_url(url, cluster=cluster, timeout=timeout, health_check_interval=30)
 
 
 async def run_script(client: Any, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import structlog
-from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from tokenfirewall.connection import connect
 from tokenfirewall.errors import ConfigurationError, StorageUnavailableError
 from tokenfirewall.keys import Keys, encode_user_id
 from tokenfirewall.messages import FIELD, Refused, Settled, encode
@@ -106,18 +106,11 @@ class RedisStorage(Storage):
         timeout: float = 0.5,
         **options: Any,
     ) -> RedisStorage:
-        """Connect lazily to ``url`` (``redis://``, ``rediss://``, ``unix://``)."""
-        client_options: dict[str, Any] = {
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "health_check_interval": 30,
-        }
-        if cluster:
-            client: Any = RedisCluster.from_url(url, **client_options)
-        else:
-            client = Redis.from_url(url, **client_options)
-            if supports_fastpath(url):
-                options.setdefault("pipeline", FastPipeline(url, timeout))
+        """Connect lazily to ``url``: see :mod:`tokenfirewall.connection` for the
+        URL forms (single node, TLS, unix socket, Sentinel) and ``cluster=True``."""
+        client = connect(url, cluster=cluster, timeout=timeout, health_check_interval=30)
+        if not cluster and supports_fastpath(url):
+            options.setdefault("pipeline", FastPipeline(url, timeout))
         return cls(client, timeout=timeout, **options)
 
     def _user_keys(self, user_id: str, period: str) -> tuple[str, list[str]]:
