@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,6 +14,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
+from tests.support.processes import WorkerProcess
 from tokenfirewall.config import Policy
 from tokenfirewall.events import subscribe
 from tokenfirewall.keys import Keys, encode_user_id
@@ -33,7 +31,6 @@ from tokenfirewall.storage.base import ReserveRequest
 from tokenfirewall.storage.redis import RedisStorage
 from worker import Worker, WorkerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 GROUP = "tokenfirewall-worker"
 KEYS = Keys()
 POLL_TIMEOUT = 30.0
@@ -53,28 +50,6 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str) -> 
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out waiting for {what}")
         await anyio.sleep(0.02)
-
-
-class WorkerProcess:
-    """``python -m worker`` as a child process, logging to a file."""
-
-    def __init__(self, url: str, tmp: Path, *args: str, env: dict[str, str] | None = None):
-        self.log = tmp / f"worker-{time.monotonic_ns()}.log"
-        command = [sys.executable, "-m", "worker", "--redis-url", url, "--consumer", "w1",
-                   "--block-ms", "100", "--sweep-interval", "0.2", *args]  # fmt: skip
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
-            )  # fmt: skip
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture
@@ -447,3 +422,121 @@ def test_fake_clock_env_is_read_by_the_cli(monkeypatch: pytest.MonkeyPatch) -> N
     config = cli.config_from(args)
     assert (config.batch_size, config.thresholds) == (77, (70, 95))
     assert timedelta(seconds=config.grace_seconds) == timedelta(hours=1)
+
+
+# -- the batch script's consume paths --------------------------------------------------
+
+
+def _reconciler(client: object, config: WorkerConfig | None = None) -> object:
+    from worker.closing import PeriodCloser
+    from worker.metrics import Metrics
+    from worker.publisher import Publisher
+    from worker.reconcile import Reconciler
+
+    cfg = config or WorkerConfig(consumer="c")
+    metrics = Metrics()
+    publisher = Publisher(client, KEYS, metrics, maxlen=1000)
+    closer = PeriodCloser(client, KEYS, cfg, metrics, publisher,
+                          lambda: datetime(2026, 3, 10, tzinfo=UTC))  # fmt: skip
+    return Reconciler(client, KEYS, cfg, metrics, publisher, closer)
+
+
+async def _apply_messages(reconciler: object, messages: list[Settled]) -> None:
+    from tokenfirewall.messages import encode
+    from worker.codec import Entry, Valid, check
+
+    items = [check(Entry(KEYS.usage, b"1-0", {b"m": encode(m)})) for m in messages]
+    assert all(isinstance(item, Valid) for item in items)
+    assert await reconciler.apply(items) == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_reserved_settlements_consume_once_by_hdel_and_redelivery_changes_nothing(
+    redis_url: str, cluster: bool
+) -> None:
+    """One HDEL per reservation (a user with few), one HMGET + HDEL (a user with many)."""
+    pol = policy()
+    period = "2026-03"
+    plan = {"solo": [(f"s{n}", 300, 100 + n) for n in range(1)],
+            "pair": [(f"p{n}", 200, 50 + n) for n in range(2)],
+            "many": [(f"m{n}", 100, 10 * n) for n in range(7)]}  # fmt: skip
+    reconciler = _reconciler(redis.asyncio.Redis.from_url(redis_url),
+                             WorkerConfig(consumer="c", cluster=cluster))  # fmt: skip
+    async with RedisStorage.from_url(redis_url) as storage:
+        messages = []
+        for user, rows in plan.items():
+            for rid, reserved, actual in rows:
+                assert await reserve(storage, user, period, reserved, rid, pol)
+                messages.append(settled(user, period, rid, reserved, actual, pol))
+        # One reservation released on expiry meanwhile: its settlement still
+        # applies once, as its full usage.
+        client = sync_client(redis_url)
+        entry = client.hget(KEYS.reservations("many"), "m3")
+        client.hdel(KEYS.reservations("many"), "m3")
+        client.hset(KEYS.released("many"), "m3", entry)
+        client.decrby(KEYS.budget("many", period), 100)
+        # The same settlement twice in one batch, then the whole batch again.
+        await _apply_messages(reconciler, messages + messages[-2:])
+        await _apply_messages(reconciler, messages)
+        for user, rows in plan.items():
+            snap = await storage.snapshot(user, period)
+            assert snap is not None
+            used = sum(actual for _, _, actual in rows)
+            assert (snap.used, snap.charged, snap.open_reservations) == (used, used, 0), user
+        assert not client.exists(KEYS.released("many"))
+
+
+async def test_resent_unreserved_settlement_after_a_late_reserve_applies_once(
+    redis_url: str,
+) -> None:
+    pol = policy()
+    period = "2026-03"
+    reconciler = _reconciler(redis.asyncio.Redis.from_url(redis_url))
+    async with RedisStorage.from_url(redis_url) as storage:
+        # Admitted without a reservation (Redis seemed down), applied; then the
+        # reserve that had timed out lands under the same id; then a resend.
+        unreserved = settled("late", period, "x1", 0, 120, pol)
+        await _apply_messages(reconciler, [unreserved])
+        assert await reserve(storage, "late", period, 300, "x1", pol)
+        await _apply_messages(reconciler, [unreserved, unreserved])
+        snap = await storage.snapshot("late", period)
+        assert snap is not None
+        # Applied once; the late reservation stays open until its expiry.
+        assert (snap.used, snap.charged, snap.open_reservations) == (120, 420, 1)
+        # The reserve landing before the settlement is applied: it is consumed,
+        # with the amount it holds, and a resend changes nothing.
+        assert await reserve(storage, "late", period, 500, "x2", pol)
+        other = settled("late", period, "x2", 0, 70, pol)
+        await _apply_messages(reconciler, [other])
+        await _apply_messages(reconciler, [other])
+        snap = await storage.snapshot("late", period)
+        assert snap is not None
+        assert (snap.used, snap.charged, snap.open_reservations) == (190, 490, 1)
+
+
+async def test_pipelined_reader_applies_a_backlog_in_script_chunks_and_acks_it(
+    redis_url: str,
+) -> None:
+    """Batches bigger than one script call: split per user, all applied, all acked."""
+    from tokenfirewall.messages import encode
+    from worker import reconcile
+
+    pol = policy()
+    client = sync_client(redis_url)
+    pipe = client.pipeline(transaction=False)
+    total = 3 * reconcile.CALL_ENTRIES + 17
+    for n in range(total):
+        message = settled(f"u{n % 50}", "2026-03", f"b{n}", 0, 2, pol)
+        pipe.xadd(KEYS.usage, {"m": encode(message)})
+    pipe.xadd(KEYS.usage, {"m": b"{broken"})  # sends that batch through check() one by one
+    pipe.execute()
+    config = WorkerConfig(consumer="c", block_ms=50, batch_size=2 * reconcile.CALL_ENTRIES)
+    worker = Worker.from_url(redis_url, config)
+    assert worker.pipelined is not None
+    async with worker, anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await eventually(lambda: drained(client, total + 1), "the backlog to be applied")
+        worker.stop()
+    assert client.xlen(KEYS.dead_letters) == 1
+    used = sum(int(client.hget(KEYS.period(f"u{u}", "2026-03"), "u") or 0) for u in range(50))
+    assert used == 2 * total

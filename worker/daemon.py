@@ -23,10 +23,11 @@ from anyio.abc import TaskGroup
 from redis.exceptions import RedisError
 
 from tokenfirewall.keys import Keys
+from tokenfirewall.storage.fastpath import supports_fastpath
 from worker.closing import PeriodCloser
 from worker.codec import Entry, Invalid, Valid, check
 from worker.config import WorkerConfig
-from worker.consumer import ShardConsumer, id_tuple
+from worker.consumer import PipelinedReader, ShardConsumer, id_tuple
 from worker.expiry import ReservationSweeper
 from worker.health import serve_health
 from worker.metrics import Metrics
@@ -98,6 +99,8 @@ class Worker:
         self._readers = len(self.consumers)
         self._readers_done = anyio.Event()
         self._task_group: TaskGroup | None = None
+        # Single node: the hot loop runs on a lean pipelined connection.
+        self.pipelined: PipelinedReader | None = None
 
     @classmethod
     def from_url(
@@ -114,7 +117,11 @@ class Worker:
         blocking = connect(
             url, cluster=cfg.cluster, timeout=cfg.redis_timeout + cfg.block_ms / 1000
         )
-        return cls(client, cfg, blocking_client=blocking, clock=clock, metrics=metrics)
+        worker = cls(client, cfg, blocking_client=blocking, clock=clock, metrics=metrics)
+        if not cfg.cluster and supports_fastpath(url):
+            worker.pipelined = PipelinedReader(url, worker.keys, cfg, worker.reconciler,
+                                               worker.publisher, worker.metrics)  # fmt: skip
+        return worker
 
     @property
     def ready(self) -> bool:
@@ -198,6 +205,10 @@ class Worker:
             await self._handle(consumer, entries)
 
     async def _read_loop(self, consumer: ShardConsumer) -> None:
+        if self.pipelined is not None:
+            caught_up = lambda: self._mark_caught_up(consumer)  # noqa: E731
+            await self.pipelined.run(consumer, self._stopping.is_set, caught_up)
+            return
         while not self._stopping.is_set():
             entries = await consumer.read(block=True)
             # A full batch means more is waiting: drain without blocking.

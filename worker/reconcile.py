@@ -3,15 +3,19 @@
 The script applies each settlement and records it in the same atomic step, so
 a batch replayed after a crash changes nothing; what it returns tells which
 budget events became due and which closed periods got a new final bonus.
+
+Work is split so the single-node reader can pipeline it: :meth:`Reconciler.plan`
+(pure Python: group the batch per user-period, build the script arguments),
+the script calls themselves (sent by whoever owns the connection), then
+:meth:`Reconciler.outcome` (events, metrics, late closes, culprits of errors).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import structlog
 from redis.exceptions import ResponseError
 
@@ -25,28 +29,54 @@ from tokenfirewall.messages import (
     Settled,
 )
 from worker.closing import PeriodCloser, summary_event
-from worker.codec import Invalid, Valid
+from worker.codec import FastRefused, FastSettled, Invalid, Valid, pname_of
 from worker.config import WorkerConfig
 from worker.metrics import Metrics
 from worker.publisher import Publisher
 from worker.redisio import run_script, run_scripts
 from worker.scripts import settle_many_script
 
-__all__ = ["Reconciler"]
+__all__ = ["Plan", "Reconciler", "Record"]
 
 log = structlog.get_logger("tokenfirewall.worker")
 
-_encoder = msgspec.json.Encoder()
+# (message, tag, month index): what the codec hands over for each valid entry.
+Record = tuple[Settled | Refused | FastSettled | FastRefused, str, int]
+# A call's script error is narrowed down by retrying its records one by one.
+Runner = Callable[[Sequence[str], Sequence[Any]], Awaitable[Any]]
+
+_SETTLED = (Settled, FastSettled)
+# Entries per script call on a single node (whole users; a bigger batch is
+# split into several calls, each atomic, all acknowledged together after).
+CALL_ENTRIES = 1000
 
 
-def _row(item: Valid) -> list[Any]:
-    m = item.message
-    # Hashed tags cannot be turned back into the id: the script stores it.
-    user = m.user if item.tag.startswith("~h") else ""
-    if isinstance(m, Refused):
-        return ["r", item.tag, item.index, "", 0, 0, 0, 0, 0, user]
-    return ["s", item.tag, item.index, m.rid, m.reserved, m.actual, m.limit,
-            int(m.rollover), m.cap, user]  # fmt: skip
+@dataclass(slots=True)
+class _Group:
+    """Settlements of one user-period: summed into one update by the script."""
+
+    tag: str
+    idx: int
+    first: Settled | FastSettled
+    count: int
+
+
+@dataclass(slots=True)
+class _Call:
+    keys: list[str]
+    records: list[tuple[int, Record]]  # (position in the batch, record)
+    refusals: list[tuple[int, Record]] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
+    args: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Plan:
+    calls: list[_Call]
+
+    @property
+    def script_calls(self) -> list[tuple[list[str], list[Any]]]:
+        return [(call.keys, call.args) for call in self.calls]
 
 
 class Reconciler:
@@ -65,106 +95,194 @@ class Reconciler:
         self._metrics = metrics
         self._publisher = publisher
         self._closer = closer
-        self._script = settle_many_script()
+        self.script = settle_many_script()
         self._thresholds = ",".join(str(p) for p in config.thresholds)
+        self._applied = metrics.applied.labels(kind="settled")
+        self._refused = metrics.applied.labels(kind="refused")
 
     async def apply(self, items: Sequence[Valid]) -> list[Invalid]:
         """Apply ``items``; returns the entries the script rejected (to dead-letter)."""
         if not items:
             return []
-        groups = self._groups(items)
-        results = await run_scripts(
-            self._client, self._script, [(keys, self._args(group)) for keys, group in groups]
-        )
-        rejected: list[Invalid] = []
-        replies: list[tuple[Sequence[Valid], Any]] = []
-        for (keys, group), result in zip(groups, results, strict=True):
+        plan = self.plan([(item.message, item.tag, item.index) for item in items])
+        results = await run_scripts(self._client, self.script, plan.script_calls)
+        rejected = await self.outcome(plan, results, self._run_one)
+        return [Invalid(items[pos].entry, reason) for pos, reason in rejected]
+
+    async def _run_one(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await run_script(self._client, self.script, keys, args)
+
+    # -- planning -------------------------------------------------------------------
+
+    def plan(self, records: Sequence[Record]) -> Plan:
+        return self._plan(list(enumerate(records)))
+
+    def _plan(self, records: list[tuple[int, Record]]) -> Plan:
+        if not records:
+            return Plan([])
+        users: dict[str, list[tuple[int, Record]]] = {}
+        refusals: dict[str, list[tuple[int, Record]]] = {}
+        for item in records:
+            record = item[1]
+            into = users if isinstance(record[0], _SETTLED) else refusals
+            bucket = into.get(record[1])
+            if bucket is None:
+                into[record[1]] = [item]
+            else:
+                bucket.append(item)
+        if self._config.cluster:
+            # One call per user: every key a call touches must share its slot.
+            per_user: list[_Call] = []
+            for tag in {**users, **refusals}:
+                call = _Call([self._keys.user(tag)], [])
+                self._build(call, refusals.get(tag, []), [(tag, users.get(tag, []))])
+                per_user.append(call)
+            return Plan(per_user)
+        # Single node: whole users per call, calls of about CALL_ENTRIES entries,
+        # so one script never holds Redis for long while a big batch still
+        # gathers each user's entries into one call.
+        calls: list[_Call] = []
+        chunk: list[tuple[str, list[tuple[int, Record]]]] = []
+        size = 0
+        pending_refusals = [item for bucket in refusals.values() for item in bucket]
+        for tag, bucket in users.items():
+            if chunk and size + len(bucket) > CALL_ENTRIES:
+                calls.append(self._single(pending_refusals, chunk))
+                pending_refusals, chunk, size = [], [], 0
+            chunk.append((tag, bucket))
+            size += len(bucket)
+        if chunk or pending_refusals:
+            calls.append(self._single(pending_refusals, chunk))
+        return Plan(calls)
+
+    def _single(
+        self,
+        refusals: list[tuple[int, Record]],
+        users: list[tuple[str, list[tuple[int, Record]]]],
+    ) -> _Call:
+        call = _Call([], [])
+        self._build(call, refusals, users)
+        return call
+
+    def _build(
+        self,
+        call: _Call,
+        refusals: list[tuple[int, Record]],
+        users: list[tuple[str, list[tuple[int, Record]]]],
+    ) -> None:
+        call.refusals = refusals
+        call.records = list(refusals)
+        args: list[Any] = [self._keys.prefix, "", self._thresholds, len(refusals)]
+        for _, (_, tag, idx) in refusals:
+            args += (tag, pname_of(idx))
+        groups = call.groups
+        for tag, bucket in users:
+            call.records += bucket
+            periods: dict[int, list[Any]] = {}
+            for _, (message, _, idx) in bucket:
+                same = periods.get(idx)
+                if same is None:
+                    periods[idx] = [message]
+                else:
+                    same.append(message)
+            first = bucket[0][1][0]
+            # Hashed tags cannot be turned back into the id: the script stores it.
+            args += (tag, first.user if tag.startswith("~h") else "", len(periods))
+            for idx, messages in periods.items():
+                head = messages[0]
+                args += (pname_of(idx), idx, head.limit, int(head.rollover), head.cap,
+                         len(messages))  # fmt: skip
+                for m in messages:
+                    args += (m.rid, m.reserved, m.actual)
+                groups.append(_Group(tag, idx, head, len(messages)))
+        call.args = args
+
+    # -- results --------------------------------------------------------------------
+
+    async def outcome(
+        self, plan: Plan, results: Sequence[Any], run_one: Runner
+    ) -> list[tuple[int, str]]:
+        """Publish what the replies call for; returns (position, reason) of rejected records.
+
+        ``results`` holds one reply (or exception) per call of ``plan``. A call
+        that failed with a script error is retried record by record with
+        ``run_one`` to find the culprit (applying is idempotent); any other
+        exception is raised: the batch stays pending and is retried.
+        """
+        rejected: list[tuple[int, str]] = []
+        replies: list[tuple[_Call, Any]] = []
+        for call, result in zip(plan.calls, results, strict=True):
             if isinstance(result, ResponseError):
-                rejected += await self._isolate(keys, group, replies)
-            elif isinstance(result, Exception):
+                for item in call.records:
+                    one = self._plan([item]).calls[0]
+                    try:
+                        replies.append((one, await run_one(one.keys, one.args)))
+                    except ResponseError as exc:
+                        rejected.append((item[0], f"script error: {exc}"))
+            elif isinstance(result, BaseException):
                 raise result  # connection trouble: the batch stays pending, retried
             else:
-                replies.append((group, result))
+                replies.append((call, result))
         late: list[tuple[str, int]] = []
-        for applied, reply in replies:
-            late += self._outcome(applied, reply)
+        for call, reply in replies:
+            late += self._outcome(call, reply)
         if late:
             # Records created after their period was closed (a late settlement
             # for a user-period nobody had reserved in): close them now.
             await self._closer.close(sorted(set(late)))
         return rejected
 
-    def _groups(self, items: Sequence[Valid]) -> list[tuple[list[str], list[Valid]]]:
-        if not self._config.cluster:
-            return [([], list(items))]
-        # One call per user: every key a call touches must share its slot.
-        by_tag: dict[str, list[Valid]] = defaultdict(list)
-        for item in items:
-            by_tag[item.tag].append(item)
-        return [([self._keys.user(tag)], group) for tag, group in by_tag.items()]
-
-    def _args(self, group: Sequence[Valid]) -> tuple[Any, ...]:
-        rows = _encoder.encode([_row(item) for item in group])
-        return (self._keys.prefix, "", self._thresholds, rows)
-
-    async def _isolate(
-        self, keys: list[str], group: Sequence[Valid], replies: list[tuple[Sequence[Valid], Any]]
-    ) -> list[Invalid]:
-        """A script error fails the whole call: retry one by one to find the culprit."""
-        rejected: list[Invalid] = []
-        for item in group:
-            one_keys = [self._keys.user(item.tag)] if keys else []
-            try:
-                reply = await run_script(self._client, self._script, one_keys, self._args([item]))
-            except ResponseError as exc:
-                rejected.append(Invalid(item.entry, f"script error: {exc}"))
-                continue
-            replies.append(([item], reply))
-        return rejected
-
-    def _outcome(self, group: Sequence[Valid], reply: Any) -> list[tuple[str, int]]:
-        results, adjusted = reply
+    def _outcome(self, call: _Call, reply: Any) -> list[tuple[str, int]]:
+        firsts, flat, adjusted = reply
         at = self._closer.now_ms()
-        closable = self._closer.closable_index()
         late: list[tuple[str, int]] = []
-        refused = applied = duplicates = 0
-        for item, result in zip(group, results, strict=True):
-            message = item.message
-            if isinstance(message, Refused):
-                refused += 1
-                if int(result[0]) == 1:
-                    self._publish(BudgetExceeded(user=message.user, period=message.period,
-                                                 used=message.used, limit=message.limit,
-                                                 requested=message.requested, at=at))
+        applied = duplicates = 0
+        closable: int | None = None
+        i = 0
+        for group in call.groups:
+            count = int(flat[i])
+            if count == 0:
+                duplicates += group.count
+                i += 1
                 continue
-            if result[0] == 0:
-                duplicates += 1
-                continue
-            applied += 1
-            if len(result) > 5:
-                self._settled_events(message, result, at)
-            if result[4] == 0 and item.index <= closable:
-                late.append((item.tag, item.index))
-        self._metrics.applied.labels(kind="refused").inc(refused)
-        self._metrics.applied.labels(kind="settled").inc(applied)
-        self._metrics.duplicates.inc(duplicates)
+            applied += count
+            duplicates += group.count - count
+            used, limit, closed, nflags = (int(x) for x in flat[i + 1 : i + 5])
+            for flag in flat[i + 5 : i + 5 + nflags]:
+                self._settled_event(group.first, int(flag), used, limit, at)
+            i += 5 + nflags
+            if closed == 0:
+                if closable is None:
+                    closable = self._closer.closable_index()
+                if group.idx <= closable:
+                    late.append((group.tag, group.idx))
+        for (_, (message, _, _)), first in zip(call.refusals, firsts, strict=True):
+            if int(first) == 1 and isinstance(message, Refused | FastRefused):
+                self._publish(BudgetExceeded(user=message.user, period=message.period,
+                                             used=message.used, limit=message.limit,
+                                             requested=message.requested, at=at))  # fmt: skip
+        if call.refusals:
+            self._refused.inc(len(call.refusals))
+        self._applied.inc(applied)
+        if duplicates:
+            self._metrics.duplicates.inc(duplicates)
         for summary in adjusted:
             self._metrics.periods_adjusted.inc()
             self._publish(summary_event(PeriodAdjusted, summary, at))
         return late
 
-    def _settled_events(self, message: Settled, result: Sequence[Any], at: int) -> None:
-        used, limit = int(result[2]), int(result[3])
-        for flag in result[5:]:
-            pct = int(flag)
-            if pct < 0:
-                event: BudgetEvent = BudgetExceeded(
-                    user=message.user, period=message.period, used=used, limit=limit, at=at
-                )
-            else:
-                event = BudgetThreshold(user=message.user, period=message.period,
-                                        percent=pct, used=used, limit=limit, at=at)
-            self._publish(event)
+    def _settled_event(
+        self, message: Settled | FastSettled, pct: int, used: int, limit: int, at: int
+    ) -> None:
+        event: BudgetEvent
+        if pct < 0:
+            event = BudgetExceeded(
+                user=message.user, period=message.period, used=used, limit=limit, at=at
+            )
+        else:
+            event = BudgetThreshold(user=message.user, period=message.period, percent=pct,
+                                    used=used, limit=limit, at=at)  # fmt: skip
+        self._publish(event)
 
     def _publish(self, event: BudgetEvent) -> None:
         self._publisher.add(event)

@@ -4,110 +4,154 @@
 -- closed period finalises the next bonus again, in the same step too, so a
 -- worker killed right after this script leaves no stale bonus behind.
 -- KEYS: none on a single node; on a cluster, one key of the (single) user.
--- ARGV: prefix, '' (tags come per entry), threshold percents (comma list),
---   the entries as one JSON array (one decode in C instead of thousands of
---   arguments), each [kind ('s' settled, 'r' refused), tag, month index, id,
---   reserved, actual, monthly limit, rollover, cap, raw user id (only for
---   hashed tags, '' otherwise)].
--- Settlements of one user-period are summed and applied together, which
--- gives the same counters as applying them one by one.
--- Reply: {results, adjusted}: per entry {applied, charged, used, limit, closed,
---   crossed percents..., -1 when exceeded} (counters after the whole batch;
---   the percents on the first entry of its user-period), for a refusal
---   {first}; adjusted: one summary per closed user-period that received usage.
+-- ARGV (flat, no JSON: decoding nested tables cost more than the updates):
+--   prefix, '' (tags come per user), threshold percents (comma list),
+--   R (refusals), R x [tag, period name],
+--   then users until the end, each [tag, raw user id (only for hashed tags,
+--   '' otherwise), P, P x period], a period being
+--   [period name, month index, monthly limit, rollover (0/1), cap, K,
+--    K x [reservation id, reserved, actual]].
+-- Settlements of one user-period are summed and applied together (one INCRBY,
+-- one HINCRBY), which gives the same counters as applying them one by one.
+-- A user's reservations are consumed with one HMGET and one HDEL when the
+-- call holds several of them (one HDEL each otherwise).
+-- Reply: {firsts, groups, adjusted}: firsts, per refusal, 1 if it was the
+--   first of its user-period; groups, flat, per user-period either 0 (nothing
+--   applied: all redelivered) or applied count, used, effective limit, closed,
+--   F, F crossed percents (-1: exceeded) (counters after the group);
+--   adjusted: one summary per closed user-period that received usage.
+local call = redis.call
 local percents = {}
 for pct in string.gmatch(ARGV[3], '%d+') do table.insert(percents, tonumber(pct)) end
 
-local function remember_id(user)
-  -- Hashed tags cannot be decoded: keep the raw id for the events.
-  if user ~= '' then redis.call('HSETNX', key('user'), 'id', user) end
+-- Reserved ids of a user from this many on: one HMGET and one HDEL for all.
+local MULTI = 3
+
+-- Consume the user's reservations among `rids` at once; returns the set held.
+local function take_all(rkey, rids)
+  local held = {}
+  for s = 1, #rids, 1000 do  -- bounded unpack
+    local chunk = {unpack(rids, s, math.min(s + 999, #rids))}
+    local values = call('HMGET', rkey, unpack(chunk))
+    local gone = {}
+    for i = 1, #chunk do
+      if values[i] and not held[chunk[i]] then
+        held[chunk[i]] = true
+        gone[#gone + 1] = chunk[i]
+      end
+    end
+    if #gone > 0 then call('HDEL', rkey, unpack(gone)) end
+  end
+  return held
 end
 
--- Consume the entry that makes a settlement apply once; nil if already applied.
-local function consume(idx, rid, reserved, actual)
-  -- Unreserved ids are recorded first: a late reserve under the same id must
-  -- not let a resend apply twice (see settle.lua).
-  if reserved == 0 and redis.call('SADD', key('done', idx), rid) == 0 then
-    return nil
+-- The amount a settlement adds to `charged`, consuming what makes it apply
+-- once; nil if it was applied already. `held`: reservations taken by take_all.
+local function consume(rkey, held, tag, pn, rid, reserved, actual)
+  if reserved > 0 then
+    -- The message carries the amount its reservation holds (the middleware
+    -- publishes what it reserved): one HDEL both tests and consumes.
+    if held then
+      if held[rid] then
+        held[rid] = nil  -- the same id twice in a batch applies once
+        return actual - reserved
+      end
+    elseif call('HDEL', rkey, rid) == 1 then
+      return actual - reserved
+    end
+  else
+    -- Unreserved ids are recorded first, whatever else happens: the reserve
+    -- may still land late under the same id (with an amount this message
+    -- does not know), and a resend must then find the id already applied.
+    if call('SADD', PREFIX .. ':done:{' .. tag .. '}:' .. pn, rid) == 0 then return nil end
+    local entry = call('HGET', rkey, rid)
+    if entry then
+      call('HDEL', rkey, rid)
+      return actual - tonumber(string.match(entry, '^%d+:(%d+):'))
+    end
   end
-  local rkey = key('resv')
-  local entry = redis.call('HGET', rkey, rid)
-  if entry then
-    redis.call('HDEL', rkey, rid)
-    return actual - tonumber(string.match(entry, '^%d+:(%d+):'))
-  elseif redis.call('HDEL', key('rel'), rid) == 1 then
-    return actual
-  elseif reserved == 0 then
+  -- Released on expiry (its tokens were given back): the full usage counts.
+  if call('HDEL', PREFIX .. ':rel:{' .. tag .. '}', rid) == 1 or reserved == 0 then
     return actual
   end
   return nil
 end
 
--- Apply the summed settlements of one user-period (one INCRBY, one HINCRBY:
--- the speed of a batch comes from here) and report newly crossed thresholds.
-local function apply_group(g)
-  TAG = g.tag
-  local pkey = key('period', g.idx)
-  -- One read for the record and its closed flag (each call costs microseconds).
-  local rec = redis.call('HMGET', pkey, 'l', 'b', 'g', 'x')
-  local l, b, gr = n(rec[1]), n(rec[2]), n(rec[3])
-  if not rec[1] then
-    l, b, gr = open_period(pkey, key('user'), g.idx, g.limit, g.rollover, g.cap)
-  end
-  -- int(): exact integer text, whatever the size.
-  local charged = redis.call('INCRBY', key('budget', g.idx), int(g.delta))
-  local used = redis.call('HINCRBY', pkey, 'u', int(g.actual))
-  local eff = l + b + gr
-  local closed = rec[4] == '1' and 1 or 0
-  local out = {1, charged, used, eff, closed}
-  if eff > 0 and used > 0 then
-    for _, pct in ipairs(percents) do
-      if used * 100 >= pct * eff and redis.call('HSETNX', pkey, 't' .. pct, 1) == 1 then
-        table.insert(out, pct)
-      end
-    end
-  end
-  if used > 0 and used >= eff and redis.call('HSETNX', pkey, 'xe', 1) == 1 then
-    table.insert(out, -1)
-  end
-  remember_id(g.user)
-  return out
+local firsts, groups, adjusted = {}, {}, {}
+local pos = 5
+for i = 1, tonumber(ARGV[4]) do
+  firsts[i] = call('HSETNX', PREFIX .. ':period:{' .. ARGV[pos] .. '}:' .. ARGV[pos + 1], 'xe', 1)
+  pos = pos + 2
 end
 
-local results, groups, order = {}, {}, {}
-for i, e in ipairs(cjson.decode(ARGV[4])) do
-  TAG = e[2]
-  local idx = e[3]
-  if e[1] == 'r' then
-    results[i] = {redis.call('HSETNX', key('period', idx), 'xe', 1)}
-  else
-    local delta = consume(idx, e[4], e[5], e[6])
-    if delta == nil then
-      results[i] = {0}
-    else
-      local k = TAG .. '\0' .. idx
-      local g = groups[k]
-      if not g then
-        g = {tag = TAG, idx = idx, delta = 0, actual = 0, limit = e[7], rollover = e[8],
-             cap = e[9], user = e[10], entries = {}}
-        groups[k] = g
-        table.insert(order, k)
-      end
-      g.delta, g.actual = g.delta + delta, g.actual + e[6]
-      table.insert(g.entries, i)
+local last = #ARGV
+while pos <= last do
+  local tag, user, periods = ARGV[pos], ARGV[pos + 1], tonumber(ARGV[pos + 2])
+  pos = pos + 3
+  local rkey = PREFIX .. ':resv:{' .. tag .. '}'
+  local held = nil
+  local rids, p = {}, pos
+  for _ = 1, periods do
+    local j = p + 6
+    for _ = 1, tonumber(ARGV[p + 5]) do
+      if ARGV[j + 1] ~= '0' then rids[#rids + 1] = ARGV[j] end
+      j = j + 3
     end
+    p = j
+  end
+  if #rids >= MULTI then held = take_all(rkey, rids) end
+  for _ = 1, periods do
+    local pn, idx, k = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 5])
+    local delta, actual_sum, applied = 0, 0, 0
+    local j = pos + 6
+    for _ = 1, k do
+      local actual = tonumber(ARGV[j + 2])
+      local d = consume(rkey, held, tag, pn, ARGV[j], tonumber(ARGV[j + 1]), actual)
+      if d then
+        delta, actual_sum, applied = delta + d, actual_sum + actual, applied + 1
+      end
+      j = j + 3
+    end
+    if applied == 0 then
+      groups[#groups + 1] = 0
+    else
+      TAG = tag
+      local pkey = PREFIX .. ':period:{' .. tag .. '}:' .. pn
+      -- One read for the record and its closed flag (each call costs microseconds).
+      local rec = call('HMGET', pkey, 'l', 'b', 'g', 'x')
+      local l, b, gr = n(rec[1]), n(rec[2]), n(rec[3])
+      if not rec[1] then
+        l, b, gr = open_period(pkey, key('user'), idx, tonumber(ARGV[pos + 2]),
+                               tonumber(ARGV[pos + 3]), tonumber(ARGV[pos + 4]))
+      end
+      -- int(): exact integer text, whatever the size.
+      call('INCRBY', PREFIX .. ':budget:{' .. tag .. '}:' .. pn, int(delta))
+      local used = call('HINCRBY', pkey, 'u', int(actual_sum))
+      local eff = l + b + gr
+      local closed = rec[4] == '1' and 1 or 0
+      local flags = {}
+      if eff > 0 and used > 0 then
+        for _, pct in ipairs(percents) do
+          if used * 100 >= pct * eff and call('HSETNX', pkey, 't' .. pct, 1) == 1 then
+            flags[#flags + 1] = pct
+          end
+        end
+      end
+      if used > 0 and used >= eff and call('HSETNX', pkey, 'xe', 1) == 1 then
+        flags[#flags + 1] = -1
+      end
+      -- Hashed tags cannot be decoded: keep the raw id for the events.
+      if user ~= '' then call('HSETNX', key('user'), 'id', user) end
+      local g = #groups
+      groups[g + 1], groups[g + 2], groups[g + 3], groups[g + 4] = applied, used, eff, closed
+      groups[g + 5] = #flags
+      for f = 1, #flags do groups[g + 5 + f] = flags[f] end
+      if closed == 1 then
+        local next_idx, next_bonus = finalise_next(idx)
+        table.insert(adjusted, summary(idx, next_idx, next_bonus))
+      end
+    end
+    pos = j
   end
 end
-local adjusted = {}
-for _, k in ipairs(order) do
-  local g = groups[k]
-  local out = apply_group(g)
-  -- Events once per group: the first entry carries the crossed thresholds.
-  results[g.entries[1]] = out
-  for j = 2, #g.entries do results[g.entries[j]] = {1, out[2], out[3], out[4], out[5]} end
-  if out[5] == 1 then
-    local next_idx, next_bonus = finalise_next(g.idx)
-    table.insert(adjusted, summary(g.idx, next_idx, next_bonus))
-  end
-end
-return {results, adjusted}
+return {firsts, groups, adjusted}
