@@ -1,6 +1,6 @@
 """One worker process draining N queued settlements; prints events/s.
 
-    python bench/worker_throughput.py [-n 200000] [--users 1000] [--batch-size 1000]
+    python bench/worker_throughput.py [-n 200000] [--users 1000] [--batch-size N (default: the worker default)]
                                       [--redis-url URL]
 
 Without --redis-url it starts a throwaway redis-server (tests/support/servers.py).
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from tests.support.servers import RedisServer  # noqa: E402
 from tokenfirewall.keys import Keys  # noqa: E402
 from tokenfirewall.messages import Settled, encode  # noqa: E402
+from worker.config import WorkerConfig  # noqa: E402
 
 PERIOD = "2099-01"  # far ahead: never closed by the worker's real clock
 CHUNK = 10_000
@@ -117,7 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200_000, help="settlements to drain")
     parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=WorkerConfig().batch_size)
     parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
     if args.redis_url:

@@ -24,7 +24,7 @@ class WorkerConfig:
     consumer: str = field(default_factory=_default_consumer)
     shards: int = 1
     cluster: bool = False
-    batch_size: int = 1000
+    batch_size: int = 10_000
     block_ms: int = 2000
     claim_idle_ms: int = 60_000
     max_deliveries: int = 5
