@@ -1,6 +1,6 @@
 """One worker process draining N queued settlements; prints events/s.
 
-    python bench/worker_throughput.py [-n 200000] [--users 1000] [--batch-size N (default: the worker default)]
+    python bench/worker_throughput.py [-n 200000] [--users 1000] [--batch-size N]
                                       [--redis-url URL]
 
 Without --redis-url it starts a throwaway redis-server (tests/support/servers.py).
