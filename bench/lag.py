@@ -41,6 +41,7 @@ from tokenfirewall.storage.base import ReserveRequest
 from tokenfirewall.storage.redis import RedisStorage
 
 PERIOD = "2099-01"  # never closed by the worker's real clock
+EXTRA = os.environ.get("LAG_WORKER_ARGS", "").split()
 LIMIT = 10**12
 POLL_S = 0.0005
 
@@ -113,7 +114,7 @@ def worker_waiting(client: redis.Redis) -> bool:
 
 
 def start_worker(url: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "worker", "--redis-url", url, "--consumer", "lag",
+    command = [sys.executable, "-m", "worker", "--redis-url", url, "--consumer", "lag", *EXTRA,
                "--sweep-interval", "3600", "--log-level", "warning"]  # fmt: skip
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
