@@ -6,8 +6,6 @@ the middleware's pre-checks never interleave half-way.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +19,7 @@ from redis.retry import Retry
 from tokenfirewall.config import Policy
 from tokenfirewall.connection import connect as connect_url
 from tokenfirewall.errors import TokenFirewallError
-from tokenfirewall.keys import Keys, encode_user_id
+from tokenfirewall.keys import Keys, decode_user_tag, encode_user_id
 from tokenfirewall.messages import FIELD, decode_event
 from tokenfirewall.periods import month_index, period_of, reset_at
 from tokenfirewall.storage.scripts import Script, load_script
@@ -56,24 +54,6 @@ def connect(url: str, *, cluster: bool, timeout: float) -> Any:
 
 def _int(value: Any) -> int:
     return int(value) if value is not None else 0
-
-
-def display_user(tag: str, stored: bytes | None = None) -> str:
-    """The user id behind a key's hash tag (inverse of ``encode_user_id``).
-
-    ``~h`` tags are hashes: only the raw id kept in the user hash (``id``, set
-    by the worker) can name them; otherwise the tag itself is shown.
-    """
-    if stored:
-        return stored.decode("utf-8", "surrogateescape")
-    if tag.startswith("~b"):
-        body = tag[2:]
-        try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-            return raw.decode("utf-8", "surrogatepass")
-        except (binascii.Error, UnicodeDecodeError):
-            return tag
-    return tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +232,7 @@ class Admin:
             limit = _int(record[0]) + _int(record[1]) + _int(record[2])
             rows.append(
                 ReportRow(
-                    user=display_user(tag, stored),
+                    user=decode_user_tag(tag, stored),
                     charged=_int(charged),
                     used=_int(record[3]),
                     limit=limit,

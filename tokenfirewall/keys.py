@@ -7,9 +7,10 @@ user's keys share a slot and one script can update them atomically.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 
-__all__ = ["MAX_RAW_ID_BYTES", "Keys", "encode_user_id"]
+__all__ = ["MAX_RAW_ID_BYTES", "Keys", "decode_user_tag", "encode_user_id"]
 
 MAX_RAW_ID_BYTES = 128
 # Ids longer than this are hashed: keys stay bounded whatever the caller sends.
@@ -37,6 +38,24 @@ def encode_user_id(user_id: str) -> str:
     if len(raw) <= _MAX_B64_SOURCE_BYTES:
         return "~b" + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
     return "~h" + hashlib.sha256(raw).hexdigest()
+
+
+def decode_user_tag(tag: str, stored: bytes | str | None = None) -> str:
+    """The user id behind a hash tag: the inverse of :func:`encode_user_id`.
+
+    ``~h`` tags are hashes and cannot be decoded: the scripts keep the raw id
+    of such users in the user hash (``stored``); without it the tag is shown.
+    """
+    if stored:
+        return stored.decode("utf-8", "surrogatepass") if isinstance(stored, bytes) else stored
+    if tag.startswith("~b"):
+        body = tag[2:]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            return raw.decode("utf-8", "surrogatepass")
+        except (binascii.Error, UnicodeDecodeError):
+            return tag
+    return tag
 
 
 class Keys:

@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from tokenfirewall.keys import Keys
+from tokenfirewall.keys import Keys, decode_user_tag
 from tokenfirewall.messages import PeriodAdjusted, PeriodClosed
 from tokenfirewall.periods import month_index, period_name, period_of
 from worker.config import WorkerConfig
@@ -16,7 +16,6 @@ from worker.metrics import Metrics
 from worker.publisher import Publisher
 from worker.redisio import glob_escape, run_scripts, scan_keys, tag_of
 from worker.scripts import close_script
-from worker.tags import user_of
 
 __all__ = ["PeriodCloser", "summary_event"]
 
@@ -31,7 +30,7 @@ def summary_event(
     """Build an event from a script summary ``{tag, idx, used, limit, next, bonus, id}``."""
     tag, idx, used, limit, next_idx, next_bonus, stored = summary
     return kind(
-        user=user_of(tag.decode("utf-8", "surrogateescape"), stored or None),
+        user=decode_user_tag(tag.decode("utf-8", "surrogateescape"), stored or None),
         period=period_name(int(idx)),
         used=int(used),
         limit=int(limit),
