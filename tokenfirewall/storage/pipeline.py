@@ -136,12 +136,23 @@ class AutoPipeline:
         return list(await pipe.execute(raise_on_error=False))
 
     async def _retry_unloaded(self, ops: list[_Op], results: list[Any]) -> None:
-        """Scripts the server does not know yet run once as EVAL, which caches them."""
+        """Load the scripts the server did not know (after a restart, a flush or on
+        a new node) once each, then rerun those commands in one pipeline: one
+        EVAL per command could take a whole batch past its timeout."""
+        missing: list[int] = []
+        sources: set[str] = set()
         for i, (op, result) in enumerate(zip(ops, results, strict=True)):
             if isinstance(result, NoScriptError) and op.script is not None:
-                results[i] = await self._client.execute_command(
-                    "EVAL", op.script.source, *op.args[2:]
-                )
+                missing.append(i)
+                sources.add(op.script.source)
+        if not missing:
+            return
+        for source in sources:
+            # SCRIPT LOAD goes to every primary on a cluster.
+            await self._client.script_load(source)
+        retried = await self._execute([ops[i].args for i in missing])
+        for i, result in zip(missing, retried, strict=True):
+            results[i] = result
 
     async def aclose(self) -> None:
         if self._tasks:
