@@ -9,6 +9,7 @@ from the responses themselves (the fake endpoint returns its usage).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -145,37 +146,35 @@ async def test_exact_for_50_users_while_one_of_two_workers_is_sigkilled(
 
     storage = RedisStorage.from_url(url, cluster=True, shards=SHARDS)  # stream mode
     queue = iter(plan)
-    sent = 0
 
-    async def client_loop(c: httpx.AsyncClient) -> None:
-        nonlocal sent
-        for user, max_tokens in queue:
-            r = await c.post("/v1/chat/completions", json=body(max_tokens),
-                             headers={"x-user-id": user})  # fmt: skip
-            assert r.status_code == 200, r.text
-            truth[user] += r.json()["usage"]["total_tokens"]
-            sent += 1
+    async def send(c: httpx.AsyncClient, count: int) -> None:
+        async def one_client(share: int) -> None:
+            for user, max_tokens in itertools.islice(queue, share):
+                r = await c.post("/v1/chat/completions", json=body(max_tokens),
+                                 headers={"x-user-id": user})  # fmt: skip
+                assert r.status_code == 200, r.text
+                truth[user] += r.json()["usage"]["total_tokens"]
+
+        await asyncio.gather(*(one_client(count // 24) for _ in range(24)))
 
     async with http_client(firewall(storage)) as c:
-        load = asyncio.gather(*(client_loop(c) for _ in range(24)))
-        await eventually(lambda: sent >= len(plan) // 3, DEADLINE, "a third of the load")
-        # Freeze w2 until entries are pending on it (delivered to its blocked
-        # reads, or the batch in its hands), then kill it: the survivor must
-        # XAUTOCLAIM them. A frozen process cannot acknowledge anything.
+        await send(c, len(plan) // 3)
+        # Freeze w2, then keep the load coming until entries are pending on it
+        # (delivered to its blocked read, or the batch in its hands); then kill
+        # it: the survivor must XAUTOCLAIM them. A frozen process cannot
+        # acknowledge anything, and load sent while it is frozen guarantees
+        # deliveries to take over (a blocked reader is served in turn).
         held = 0
-        for _ in range(50):
+        for _ in range(20):
             w2.pause()
-            try:
-                await eventually(lambda: pending_of(inspect, "w2") > 0, 1.0, "entries on w2")
-            except AssertionError:
-                w2.resume()
-                continue
+            await send(c, 96)
             held = pending_of(inspect, "w2")
-            break
+            if held:
+                break
+            w2.resume()
         w2.kill()
         assert held > 0, "w2 never held pending entries"
-        assert sent < len(plan), "the load ended before the kill"
-        await load
+        await send(c, len(plan))  # the rest of the plan, with w2 dead
     await storage.aclose()  # the last settlements handed over are sent
     assert (storage.backlog, storage.dropped) == (0, 0)
     assert len(truth) == len(users)
