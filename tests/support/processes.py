@@ -88,8 +88,11 @@ class AppProcess(ChildProcess):
     """``uvicorn <app>`` on 127.0.0.1:``port``; :meth:`wait_ready` polls it over HTTP."""
 
     def __init__(self, app: str, port: int, tmp: Path, env: dict[str, str]) -> None:
+        # A long keep-alive: uvicorn closing an idle pooled connection just as
+        # the client reuses it would fail a request for reasons not under test.
         command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "warning"]  # fmt: skip
+                   "--port", str(port), "--log-level", "warning",
+                   "--timeout-keep-alive", "120"]  # fmt: skip
         super().__init__(command, tmp / f"app-{port}-{time.monotonic_ns()}.log", env)
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
