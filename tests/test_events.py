@@ -24,6 +24,7 @@ from tokenfirewall.storage.redis import RedisStorage
 from worker import WorkerConfig
 from worker.closing import PeriodCloser
 from worker.codec import Entry, Valid, check
+from worker.duty import Duty
 from worker.metrics import Metrics
 from worker.publisher import Publisher
 from worker.reconcile import Reconciler
@@ -129,8 +130,8 @@ async def _apply_batch(client: object, prefix: str, messages: list[Settled]) -> 
     keys, metrics = Keys(prefix), Metrics()
     config = WorkerConfig(prefix=prefix, consumer="c")
     publisher = Publisher(client, keys, metrics, maxlen=1000)
-    closer = PeriodCloser(client, keys, config, metrics, publisher, _january)
-    reconciler = Reconciler(client, keys, config, metrics, publisher, closer)
+    duty = Duty(client, keys, config, metrics, publisher, _january)
+    reconciler = Reconciler(duty, PeriodCloser(duty))
     items = [check(Entry("s", b"1-0", {b"m": encode(m)})) for m in messages]
     valid = [item for item in items if isinstance(item, Valid)]
     for start in range(0, len(valid), 37):  # several batches, uneven sizes

@@ -30,6 +30,7 @@ from tokenfirewall.periods import period_of
 from tokenfirewall.storage.base import ReserveRequest
 from tokenfirewall.storage.redis import RedisStorage
 from worker import Worker, WorkerConfig
+from worker.duty import Duty
 
 GROUP = "tokenfirewall-worker"
 KEYS = Keys()
@@ -436,9 +437,8 @@ def _reconciler(client: object, config: WorkerConfig | None = None) -> object:
     cfg = config or WorkerConfig(consumer="c")
     metrics = Metrics()
     publisher = Publisher(client, KEYS, metrics, maxlen=1000)
-    closer = PeriodCloser(client, KEYS, cfg, metrics, publisher,
-                          lambda: datetime(2026, 3, 10, tzinfo=UTC))  # fmt: skip
-    return Reconciler(client, KEYS, cfg, metrics, publisher, closer)
+    duty = Duty(client, KEYS, cfg, metrics, publisher, lambda: datetime(2026, 3, 10, tzinfo=UTC))
+    return Reconciler(duty, PeriodCloser(duty))
 
 
 async def _apply_messages(reconciler: object, messages: list[Settled]) -> None:

@@ -266,6 +266,7 @@ class Admin:
         # than keep a second copy of the rules in step.
         from worker.closing import PeriodCloser
         from worker.config import WorkerConfig
+        from worker.duty import Duty
         from worker.metrics import Metrics
         from worker.publisher import Publisher
 
@@ -273,7 +274,7 @@ class Admin:
         config = WorkerConfig(prefix=self.keys.prefix, retention_days=retention_days)
         metrics = Metrics()
         publisher = Publisher(self.client, self.keys, metrics, maxlen=config.events_maxlen)
-        closer = PeriodCloser(self.client, self.keys, config, metrics, publisher, _utcnow)
+        closer = PeriodCloser(Duty(self.client, self.keys, config, metrics, publisher, _utcnow))
         pairs = [(tag, idx) async for tag in self.period_tags(period)]
         closed = await closer.close(pairs)
         if publisher.unsent:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import structlog
 
-from tokenfirewall.keys import Keys, decode_user_tag
+from tokenfirewall.keys import decode_user_tag
 from tokenfirewall.messages import PeriodAdjusted, PeriodClosed
 from tokenfirewall.periods import month_index, period_name, period_of
-from worker.config import WorkerConfig
-from worker.metrics import Metrics
-from worker.publisher import Publisher
+from worker.duty import Duty
 from worker.redisio import glob_escape, run_scripts, scan_keys, tag_of
 from worker.scripts import close_script
 
@@ -41,53 +39,40 @@ def summary_event(
 
 
 class PeriodCloser:
-    def __init__(
-        self,
-        client: Any,
-        keys: Keys,
-        config: WorkerConfig,
-        metrics: Metrics,
-        publisher: Publisher,
-        clock: Callable[[], datetime],
-    ) -> None:
-        self._client = client
-        self._keys = keys
-        self._config = config
-        self._metrics = metrics
-        self._publisher = publisher
-        self._clock = clock
+    def __init__(self, duty: Duty) -> None:
+        self._duty = duty
         self._script = close_script()
         self._swept_through: int | None = None  # every period up to here is closed
 
     def closable_index(self) -> int:
         """The latest period whose end plus the grace window has passed."""
-        shifted = self._clock() - timedelta(seconds=self._config.grace_seconds)
-        return month_index(period_of(shifted, self._config.timezone)) - 1
+        shifted = self._duty.clock() - timedelta(seconds=self._duty.config.grace_seconds)
+        return month_index(period_of(shifted, self._duty.config.timezone)) - 1
 
     def now_ms(self) -> int:
-        return int(self._clock().timestamp() * 1000)
+        return int(self._duty.clock().timestamp() * 1000)
 
     async def close(self, pairs: Sequence[tuple[str, int]]) -> int:
         """Close these user-periods (already closed ones are skipped by the script)."""
         closed = 0
-        retention = self._config.retention_seconds
+        retention = self._duty.config.retention_seconds
         for start in range(0, len(pairs), _CHUNK):
             chunk = pairs[start : start + _CHUNK]
-            prefix = self._keys.prefix
+            prefix = self._duty.keys.prefix
             calls = [
-                ([self._keys.period(tag, period_name(idx))], (prefix, tag, idx, retention))
+                ([self._duty.keys.period(tag, period_name(idx))], (prefix, tag, idx, retention))
                 for tag, idx in chunk
             ]
-            results = await run_scripts(self._client, self._script, calls)
+            results = await run_scripts(self._duty.client, self._script, calls)
             at = self.now_ms()
             for result in results:
                 if isinstance(result, Exception):
                     raise result
                 if int(result[0]) == 1:
                     closed += 1
-                    self._publisher.add(summary_event(PeriodClosed, result[1], at))
-            await self._publisher.flush()
-        self._metrics.periods_closed.inc(closed)
+                    self._duty.publisher.add(summary_event(PeriodClosed, result[1], at))
+            await self._duty.publisher.flush()
+        self._duty.metrics.periods_closed.inc(closed)
         return closed
 
     async def sweep(self) -> int:
@@ -95,7 +80,7 @@ class PeriodCloser:
         target = self.closable_index()
         if self._swept_through is not None and target <= self._swept_through:
             return 0
-        base = f"{glob_escape(self._keys.prefix)}:period:"
+        base = f"{glob_escape(self._duty.keys.prefix)}:period:"
         if self._swept_through is None:
             patterns = [base + "*"]
         else:
@@ -112,7 +97,7 @@ class PeriodCloser:
 
     async def _ended(self, pattern: str, target: int) -> list[tuple[str, int]]:
         found: list[tuple[str, int]] = []
-        async for key in scan_keys(self._client, pattern):
+        async for key in scan_keys(self._duty.client, pattern):
             tag = tag_of(key)
             try:
                 idx = month_index(key[-7:].decode("ascii"))

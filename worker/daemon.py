@@ -28,6 +28,7 @@ from worker.closing import PeriodCloser
 from worker.codec import Entry, Invalid, Valid, check
 from worker.config import WorkerConfig
 from worker.consumer import PipelinedReader, ShardConsumer, id_tuple
+from worker.duty import Duty
 from worker.expiry import ReservationSweeper
 from worker.health import serve_health
 from worker.metrics import Metrics
@@ -80,13 +81,10 @@ class Worker:
         self.publisher = Publisher(
             client, self.keys, self.metrics, maxlen=cfg.events_maxlen, webhooks=self.webhooks
         )
-        self.closer = PeriodCloser(client, self.keys, cfg, self.metrics, self.publisher, self.clock)
-        self.sweeper = ReservationSweeper(
-            client, self.keys, cfg, self.metrics, self.publisher, self.clock
-        )
-        self.reconciler = Reconciler(
-            client, self.keys, cfg, self.metrics, self.publisher, self.closer
-        )
+        duty = Duty(client, self.keys, cfg, self.metrics, self.publisher, self.clock)
+        self.closer = PeriodCloser(duty)
+        self.sweeper = ReservationSweeper(duty)
+        self.reconciler = Reconciler(duty, self.closer)
         self.consumers = [
             ShardConsumer(client, self.blocking_client, stream, self.keys, cfg)
             for stream in self.keys.usage_shards(cfg.shards)

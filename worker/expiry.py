@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
-from typing import Any
-
 import structlog
 
-from tokenfirewall.keys import Keys
 from tokenfirewall.messages import PeriodAdjusted
 from worker.closing import summary_event
-from worker.config import WorkerConfig
-from worker.metrics import Metrics
-from worker.publisher import Publisher
+from worker.duty import Duty
 from worker.redisio import glob_escape, run_scripts, scan_keys, tag_of
 from worker.scripts import expire_script
 
@@ -25,30 +18,17 @@ _CHUNK = 500
 
 
 class ReservationSweeper:
-    def __init__(
-        self,
-        client: Any,
-        keys: Keys,
-        config: WorkerConfig,
-        metrics: Metrics,
-        publisher: Publisher,
-        clock: Callable[[], datetime],
-    ) -> None:
-        self._client = client
-        self._keys = keys
-        self._config = config
-        self._metrics = metrics
-        self._publisher = publisher
-        self._clock = clock
+    def __init__(self, duty: Duty) -> None:
+        self._duty = duty
         self._script = expire_script()
 
     async def sweep(self) -> int:
         """Release every expired reservation; returns how many were released."""
         # 're[ls]*' finds users with open reservations ('resv') and users with
         # released markers only ('rel'), whose old markers must be forgotten.
-        pattern = f"{glob_escape(self._keys.prefix)}:re[ls]*"
+        pattern = f"{glob_escape(self._duty.keys.prefix)}:re[ls]*"
         tags: set[str] = set()
-        async for key in scan_keys(self._client, pattern):
+        async for key in scan_keys(self._duty.client, pattern):
             tag = tag_of(key)
             if tag is not None:
                 tags.add(tag)
@@ -61,27 +41,27 @@ class ReservationSweeper:
         return released
 
     async def _expire(self, tags: list[str]) -> int:
-        now = self._clock()
+        now = self._duty.clock()
         now_ms = int(now.timestamp() * 1000)
-        retention_ms = self._config.retention_seconds * 1000
+        retention_ms = self._duty.config.retention_seconds * 1000
         forget = now_ms - retention_ms if retention_ms else 0
         calls = [
             (
-                [self._keys.reservations(tag), self._keys.released(tag)],
-                (self._keys.prefix, tag, now_ms, forget),
+                [self._duty.keys.reservations(tag), self._duty.keys.released(tag)],
+                (self._duty.keys.prefix, tag, now_ms, forget),
             )
             for tag in tags
         ]
         count = 0
-        for result in await run_scripts(self._client, self._script, calls):
+        for result in await run_scripts(self._duty.client, self._script, calls):
             if isinstance(result, Exception):
                 raise result
             released, tokens, adjusted = result
             count += int(released)
-            self._metrics.tokens_released.inc(int(tokens))
+            self._duty.metrics.tokens_released.inc(int(tokens))
             for summary in adjusted:
-                self._metrics.periods_adjusted.inc()
-                self._publisher.add(summary_event(PeriodAdjusted, summary, now_ms))
-        self._metrics.reservations_expired.inc(count)
-        await self._publisher.flush()
+                self._duty.metrics.periods_adjusted.inc()
+                self._duty.publisher.add(summary_event(PeriodAdjusted, summary, now_ms))
+        self._duty.metrics.reservations_expired.inc(count)
+        await self._duty.publisher.flush()
         return count

@@ -19,7 +19,6 @@ from typing import Any
 import structlog
 from redis.exceptions import ResponseError
 
-from tokenfirewall.keys import Keys
 from tokenfirewall.messages import (
     BudgetEvent,
     BudgetExceeded,
@@ -30,9 +29,7 @@ from tokenfirewall.messages import (
 )
 from worker.closing import PeriodCloser, summary_event
 from worker.codec import FastRefused, FastSettled, Invalid, Valid, pname_of
-from worker.config import WorkerConfig
-from worker.metrics import Metrics
-from worker.publisher import Publisher
+from worker.duty import Duty
 from worker.redisio import run_script, run_scripts
 from worker.scripts import settle_many_script
 
@@ -80,37 +77,25 @@ class Plan:
 
 
 class Reconciler:
-    def __init__(
-        self,
-        client: Any,
-        keys: Keys,
-        config: WorkerConfig,
-        metrics: Metrics,
-        publisher: Publisher,
-        closer: PeriodCloser,
-    ) -> None:
-        self._client = client
-        self._keys = keys
-        self._config = config
-        self._metrics = metrics
-        self._publisher = publisher
+    def __init__(self, duty: Duty, closer: PeriodCloser) -> None:
+        self._duty = duty
         self._closer = closer
         self.script = settle_many_script()
-        self._thresholds = ",".join(str(p) for p in config.thresholds)
-        self._applied = metrics.applied.labels(kind="settled")
-        self._refused = metrics.applied.labels(kind="refused")
+        self._thresholds = ",".join(str(p) for p in duty.config.thresholds)
+        self._applied = duty.metrics.applied.labels(kind="settled")
+        self._refused = duty.metrics.applied.labels(kind="refused")
 
     async def apply(self, items: Sequence[Valid]) -> list[Invalid]:
         """Apply ``items``; returns the entries the script rejected (to dead-letter)."""
         if not items:
             return []
         plan = self.plan([(item.message, item.tag, item.index) for item in items])
-        results = await run_scripts(self._client, self.script, plan.script_calls)
+        results = await run_scripts(self._duty.client, self.script, plan.script_calls)
         rejected = await self.outcome(plan, results, self._run_one)
         return [Invalid(items[pos].entry, reason) for pos, reason in rejected]
 
     async def _run_one(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await run_script(self._client, self.script, keys, args)
+        return await run_script(self._duty.client, self.script, keys, args)
 
     # -- planning -------------------------------------------------------------------
 
@@ -130,11 +115,11 @@ class Reconciler:
                 into[record[1]] = [item]
             else:
                 bucket.append(item)
-        if self._config.cluster:
+        if self._duty.config.cluster:
             # One call per user: every key a call touches must share its slot.
             per_user: list[_Call] = []
             for tag in {**users, **refusals}:
-                call = _Call([self._keys.user(tag)], [])
+                call = _Call([self._duty.keys.user(tag)], [])
                 self._build(call, refusals.get(tag, []), [(tag, users.get(tag, []))])
                 per_user.append(call)
             return Plan(per_user)
@@ -172,7 +157,7 @@ class Reconciler:
     ) -> None:
         call.refusals = refusals
         call.records = list(refusals)
-        args: list[Any] = [self._keys.prefix, "", self._thresholds, len(refusals)]
+        args: list[Any] = [self._duty.keys.prefix, "", self._thresholds, len(refusals)]
         for _, (_, tag, idx) in refusals:
             args += (tag, pname_of(idx))
         groups = call.groups
@@ -265,9 +250,9 @@ class Reconciler:
             self._refused.inc(len(call.refusals))
         self._applied.inc(applied)
         if duplicates:
-            self._metrics.duplicates.inc(duplicates)
+            self._duty.metrics.duplicates.inc(duplicates)
         for summary in adjusted:
-            self._metrics.periods_adjusted.inc()
+            self._duty.metrics.periods_adjusted.inc()
             self._publish(summary_event(PeriodAdjusted, summary, at))
         return late
 
@@ -285,4 +270,4 @@ class Reconciler:
         self._publish(event)
 
     def _publish(self, event: BudgetEvent) -> None:
-        self._publisher.add(event)
+        self._duty.publisher.add(event)
