@@ -438,3 +438,23 @@ async def test_streaming_body_passes_through_in_chunks() -> None:
         r = await post(c)
     assert r.text == "part0part1part2"
     assert json.loads(json.dumps(dict(r.headers)))["x-tokenfirewall-limit"] == str(10**6)
+
+
+async def test_the_storage_clock_drives_the_middleware_when_it_has_none() -> None:
+    now = [datetime(2026, 11, 30, 23, 59, tzinfo=UTC)]
+    storage = MemoryStorage(clock=lambda: now[0])
+    app = TokenFirewall(
+        inner,
+        user_budget=UserBudget(extract_user_id=by_header, monthly_token_limit=1000),
+        storage=storage,
+    )
+    async with client(app) as c:
+        await post(c)
+        now[0] = datetime(2026, 12, 1, 0, 1, tzinfo=UTC)
+        r = await post(c)
+    assert r.headers["x-tokenfirewall-reset"] == "2027-01-01T00:00:00Z"
+    nov = await storage.snapshot("alice", "2026-11")
+    dec = await storage.snapshot("alice", "2026-12")
+    assert nov is not None
+    assert dec is not None
+    assert (nov.used, dec.used) == (15, 15)

@@ -31,6 +31,10 @@ log = structlog.get_logger("tokenfirewall")
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -58,7 +62,7 @@ class TokenFirewall:
         self.budget = user_budget
         self.provider = get_provider(provider)
         self.storage = storage if storage is not None else MemoryStorage(clock=clock)
-        self.clock = clock or (lambda: datetime.now(UTC))
+        self.clock = clock or self.storage.clock or _utcnow
         self.paths = tuple(paths) if paths is not None else None
         self.exclude_paths = tuple(exclude_paths)
         self.max_body_size = check_amount("max_body_size", max_body_size)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Self
 
@@ -62,6 +64,11 @@ class PeriodSnapshot:
 
 class Storage(abc.ABC):
     """Where budgets live. One pre-check is one atomic :meth:`reserve`."""
+
+    #: The storage's notion of now. The middleware takes its time from here
+    #: when it is given no ``clock`` of its own, so a test can move one clock
+    #: across a month end for the whole stack.
+    clock: Callable[[], datetime] | None = None
 
     @abc.abstractmethod
     async def reserve(self, request: ReserveRequest) -> ReserveResult:

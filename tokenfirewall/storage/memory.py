@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from tokenfirewall.config import Policy
 from tokenfirewall.messages import Refused, Settled
@@ -56,7 +56,7 @@ class MemoryStorage(Storage):
     """Budgets in this process's memory. Not shared between processes."""
 
     def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self.clock = clock
         self._users: dict[str, _User] = {}
         self._lock = threading.Lock()
 

@@ -7,7 +7,7 @@ import itertools
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -81,7 +81,7 @@ class RedisStorage(Storage):
         self.mode: SettleMode = mode
         self.shards = shards
         self.timeout = timeout
-        self.clock = clock or (lambda: datetime.now(UTC))
+        self.clock = clock
         self._thresholds = ",".join(str(int(p)) for p in thresholds)
         # The hot path's commands; redis-py's client serves everything else.
         self._pipeline: CommandPipeline = pipeline or AutoPipeline(client, timeout)
